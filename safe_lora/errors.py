@@ -1,0 +1,169 @@
+"""Every error and warning safe_lora raises, in one place.
+
+Each error subclasses :class:`SafeLoraError` *and* the built-in exception a caller would already
+catch, so ``except FileNotFoundError`` or ``except ValueError`` keeps working. Errors carry the
+facts as attributes (``path``, ``missing_keys``, ...) so code can react without parsing messages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from safe_lora._dropout import DropoutSite
+
+__all__ = [
+    "AdapterConfigError",
+    "AdapterMergeError",
+    "AdapterNotFoundError",
+    "AdapterWeightsError",
+    "BaseModelMismatchWarning",
+    "NoAdapterWarning",
+    "NondeterministicModelError",
+    "SafeLoraError",
+    "SafeLoraWarning",
+    "StochasticAdapterWarning",
+    "UnknownAdapterError",
+    "UnsafeAdapterError",
+]
+
+
+def _fmt_keys(keys: Iterable[str], limit: int = 10) -> str:
+    """Sorted, comma-separated, cut after ``limit`` so a broken 7B adapter does not print 500 lines."""
+    ordered = sorted(keys)
+    shown = ", ".join(ordered[:limit])
+    if len(ordered) > limit:
+        shown += f", ... ({len(ordered) - limit} more)"
+    return shown
+
+
+class SafeLoraError(Exception):
+    """Root of every error raised by safe_lora."""
+
+
+class AdapterNotFoundError(SafeLoraError, FileNotFoundError):
+    """The adapter folder, its ``adapter_config.json`` or its weights file does not exist.
+
+    Attributes:
+        path: The path (or hub id) that was looked up.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class AdapterConfigError(SafeLoraError, ValueError):
+    """The adapter config is unreadable, not JSON, of an unknown PEFT type, or targets nothing.
+
+    Attributes:
+        path: The adapter folder (or ``None`` when a config object was passed in).
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+
+
+class AdapterWeightsError(SafeLoraError, ValueError):
+    """The adapter weights cannot be loaded as they are: corrupt file, wrong keys, wrong shapes, NaN/inf.
+
+    Attributes:
+        path: The weights file.
+        missing_keys: Keys the config's targets expect that the file lacks (sorted).
+        unexpected_keys: Keys in the file that nothing in the model consumes (sorted).
+        mismatched_keys: ``{key: (shape in file, shape expected)}``.
+        nonfinite_keys: Keys whose tensors hold NaN or inf (sorted).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        missing_keys: Sequence[str] = (),
+        unexpected_keys: Sequence[str] = (),
+        mismatched_keys: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+        nonfinite_keys: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+        self.missing_keys = sorted(missing_keys)
+        self.unexpected_keys = sorted(unexpected_keys)
+        self.mismatched_keys = dict(sorted((mismatched_keys or {}).items()))
+        self.nonfinite_keys = sorted(nonfinite_keys)
+
+
+class UnsafeAdapterError(SafeLoraError, ValueError):
+    """The adapter ships only pickle weights (``adapter_model.bin``) and the caller did not opt in.
+
+    Attributes:
+        path: The pickle file that was refused.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+
+
+class AdapterMergeError(SafeLoraError, ValueError):
+    """``merge=True`` was asked for an adapter whose tuner cannot be merged into the base weights.
+
+    Attributes:
+        peft_type: The tuner's PEFT type, e.g. ``"IA3"`` or ``"PROMPT_TUNING"``.
+    """
+
+    def __init__(self, message: str, *, peft_type: str) -> None:
+        super().__init__(message)
+        self.peft_type = peft_type
+
+
+class UnknownAdapterError(SafeLoraError, KeyError):
+    """An adapter name was asked for that the model does not hold.
+
+    Attributes:
+        name: The name asked for.
+        available: The adapter names the model holds (sorted).
+    """
+
+    def __init__(self, message: str, *, name: str, available: Iterable[str]) -> None:
+        super().__init__(message)
+        self.name = name
+        self.available = sorted(available)
+
+    def __str__(self) -> str:
+        # KeyError would repr() the message and wrap it in quotes.
+        return str(self.args[0])
+
+
+class NondeterministicModelError(SafeLoraError, RuntimeError):
+    """A model that must be deterministic (for serving) still has live dropout.
+
+    Attributes:
+        sites: The live dropout sites, as returned by :func:`safe_lora.live_dropout`.
+    """
+
+    def __init__(self, message: str, *, sites: Sequence[DropoutSite]) -> None:
+        super().__init__(message)
+        self.sites = list(sites)
+
+
+class SafeLoraWarning(UserWarning):
+    """Root of every warning emitted by safe_lora."""
+
+
+class BaseModelMismatchWarning(SafeLoraWarning):
+    """The adapter was trained on a different base model than the one it is loaded into."""
+
+
+class NoAdapterWarning(SafeLoraWarning):
+    """A model handed to :func:`safe_lora.deterministic_lora` holds no adapter layers."""
+
+
+class StochasticAdapterWarning(SafeLoraWarning):
+    """An adapter layer is stochastic by design (e.g. PVeRA sampling at inference) and cannot be frozen."""

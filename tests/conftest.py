@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny models built in code and real adapters written by PEFT's ``save_pretrained``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftConfig, get_peft_model
+from torch import nn
+
+
+class MLP(nn.Module):
+    """The issue's seed network: Linear(2, 8) -> ReLU -> Linear(8, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # type: ignore[no-any-return]
+
+
+def make_mlp(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP()
+
+
+def tiny_llama(seed: int = 0) -> Any:
+    """A 2-layer Llama built from a config (nothing downloaded), in eval mode as from_pretrained gives."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.config.name_or_path = "tiny-llama"
+    model.name_or_path = "tiny-llama"
+    return model.eval()
+
+
+def save_adapter(
+    base: nn.Module, config: PeftConfig, path: Path, *, train_steps: int = 0, seed: int = 0
+) -> Path:
+    """Wrap a *copy* of ``base`` with ``config``, optionally nudge the weights, and ``save_pretrained``."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    if train_steps:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def mlp() -> MLP:
+    return make_mlp()
+
+
+@pytest.fixture
+def lora_config() -> LoraConfig:
+    return LoraConfig(target_modules=["fc1"], r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False)
+
+
+@pytest.fixture
+def mlp_adapter(tmp_path: Path, mlp: MLP, lora_config: LoraConfig) -> Path:
+    """A real LoRA adapter (dropout 0.1, non-trivial weights) for :func:`make_mlp`, saved as safetensors."""
+    return save_adapter(mlp, lora_config, tmp_path / "adapter")
+
+
+@pytest.fixture
+def adapter_factory(tmp_path: Path) -> Callable[..., Path]:
+    """``adapter_factory(base, config, name="a")`` saves a real adapter under ``tmp_path / name``."""
+
+    def factory(base: nn.Module, config: PeftConfig, name: str = "adapter", **kwargs: Any) -> Path:
+        return save_adapter(base, config, tmp_path / name, **kwargs)
+
+    return factory
+
+
+Snapshot = dict[str, Any]
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """Everything "left exactly as it was" means: module objects and types, values, flags, grads."""
+    return {
+        "modules": [(name, id(m), type(m)) for name, m in model.named_modules()],
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "training": {name: m.training for name, m in model.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "attrs": {name: sorted(vars(m)) for name, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(model: nn.Module, before: Snapshot) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["attrs"] == before["attrs"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
