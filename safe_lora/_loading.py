@@ -1,0 +1,419 @@
+"""The load functions: resolve -> config copy -> validate -> inject -> load -> set mode.
+
+Every check runs before the caller's model is touched (see :mod:`safe_lora._validate`). The
+mutating part then runs under a snapshot of the module tree, so that a failure PEFT raises
+half-way (or a KeyboardInterrupt) still leaves the caller's model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import torch
+from peft import PeftConfig, PeftModel
+from torch import nn
+
+from safe_lora._config import (
+    HUB_KWARGS,
+    AdapterFiles,
+    find_files,
+    prepared_copy,
+    read_config,
+    resolve_adapter,
+)
+from safe_lora._validate import HeaderEntry, compare, dry_run, iter_tensors, nonfinite_keys, read_header
+from safe_lora.errors import (
+    AdapterConfigError,
+    AdapterNotFoundError,
+    AdapterWeightsError,
+    BaseModelMismatchWarning,
+    UnknownAdapterError,
+    _fmt_keys,
+)
+
+AdapterSource = str | os.PathLike[str]
+Adapters = AdapterSource | Mapping[str, AdapterSource]
+
+
+@dataclass
+class _Plan:
+    """One adapter, resolved and checked, ready to be loaded without further surprises."""
+
+    name: str
+    files: AdapterFiles
+    config: PeftConfig
+    missing: list[str]
+
+
+class _TreeSnapshot:
+    """The state of every module and parameter, cheap to take (references only) and to restore.
+
+    Restoring each module's ``__dict__`` brings back its children, parameters, buffers, hooks,
+    ``training`` flag and attributes, which undoes any injection PEFT did; parameter tensors are
+    the same objects, so their values never needed copying.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modules = [(m, {k: _shallow(v) for k, v in vars(m).items()}) for m in model.modules()]
+        self._grads = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, saved in self._modules:
+            module.__dict__.clear()
+            module.__dict__.update({k: _shallow(v) for k, v in saved.items()})
+        for param, requires_grad in self._grads:
+            param.requires_grad_(requires_grad)
+
+
+def _shallow(value: Any) -> Any:
+    return copy.copy(value) if isinstance(value, (dict, set, list)) else value
+
+
+@contextmanager
+def _rollback_on_error(model: nn.Module) -> Iterator[None]:
+    snapshot = _TreeSnapshot(model)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def _name_or_path(model: nn.Module) -> str:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", "")
+    return str(name or "")
+
+
+def _plan(
+    model: nn.Module,
+    source: AdapterSource,
+    *,
+    name: str,
+    training: bool,
+    dropout: float | None,
+    merge: bool,
+    strict: bool,
+    allow_pickle: bool,
+    config: PeftConfig | None,
+    hub_kwargs: dict[str, Any],
+) -> _Plan:
+    """Everything that can go wrong, checked on disk and on a meta skeleton; the model is not touched."""
+    folder = resolve_adapter(source, **hub_kwargs)
+    files = find_files(folder, allow_pickle=allow_pickle)
+    if config is not None and not isinstance(config, PeftConfig):
+        raise TypeError(f"config= must be a peft.PeftConfig, found {type(config).__name__}.")
+    saved = config if config is not None else read_config(folder)
+    prepared = prepared_copy(saved, dropout=dropout, inference_mode=not training)
+    if training and prepared.is_prompt_learning:
+        raise AdapterConfigError(
+            f"Cannot load a {prepared.peft_type} adapter for training: PEFT can only load prompt-learning "
+            f"adapters frozen — use load_for_inference, or train a fresh adapter with get_peft_model.",
+            path=folder,
+        )
+    if files.weights is None:
+        raise AdapterNotFoundError(
+            f"Adapter weights not found in {os.fspath(folder)!r}: expected adapter_model.safetensors — "
+            f"re-save the adapter with save_pretrained.",
+            path=folder / "adapter_model.safetensors",
+        )
+
+    if files.weights_format == "safetensors":
+        header = read_header(files.weights)
+        tensors = iter_tensors(files.weights)
+    else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
+        state = torch.load(files.weights, map_location="cpu", weights_only=True)
+        header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in state.items()}
+        tensors = iter(state.items())
+
+    plan = dry_run(model, prepared, adapter_name=name, merge=merge, path=folder)
+    missing, unexpected = compare(header, plan, path=files.weights, strict=strict)
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise AdapterWeightsError(
+            f"Adapter weights hold NaN or inf in {os.fspath(files.weights)!r}: {_fmt_keys(bad)} — "
+            f"expected finite values — the adapter's training diverged; use an earlier checkpoint.",
+            path=files.weights,
+            nonfinite_keys=bad,
+        )
+    if missing or unexpected:
+        warnings.warn(
+            f"Loading adapter {name!r} from {os.fspath(folder)!r} with strict=False: "
+            f"missing keys (left at their initial values): [{_fmt_keys(missing)}]; "
+            f"unexpected keys (ignored): [{_fmt_keys(unexpected)}].",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    trained_on = getattr(prepared, "base_model_name_or_path", None) or ""
+    loading_into = _name_or_path(model)
+    if trained_on and loading_into and trained_on != loading_into:
+        warnings.warn(
+            f"Adapter {name!r} was trained on {trained_on!r} but is loaded into {loading_into!r} — "
+            f"keys and shapes fit, but the outputs may be meaningless if the weights differ — load the "
+            f"base model the adapter was trained on.",
+            BaseModelMismatchWarning,
+            stacklevel=4,
+        )
+    return _Plan(name=name, files=files, config=prepared, missing=missing)
+
+
+def _split_kwargs(peft_kwargs: dict[str, Any]) -> tuple[PeftConfig | None, dict[str, Any], dict[str, Any]]:
+    """``(config, hub kwargs, the rest for PEFT)``; the caller's dict is not changed."""
+    rest = dict(peft_kwargs)
+    for forbidden in ("is_trainable", "model_id"):
+        if forbidden in rest:
+            raise TypeError(
+                f"{forbidden}= is decided by safe_lora — use load_for_training or load_for_inference instead."
+            )
+    config = rest.pop("config", None)
+    hub = {k: rest.pop(k) for k in HUB_KWARGS if k in rest}
+    return config, hub, rest
+
+
+def _normalise(adapter: Adapters, adapter_name: str) -> dict[str, AdapterSource]:
+    if isinstance(adapter, Mapping):
+        if not adapter:
+            raise ValueError("No adapters given: expected a non-empty {name: path} mapping.")
+        return dict(adapter)
+    return {adapter_name: adapter}
+
+
+def _load(
+    model: nn.Module,
+    adapter: Adapters,
+    *,
+    adapter_name: str,
+    active: str | None,
+    training: bool,
+    dropout: float | None,
+    merge: bool,
+    strict: bool,
+    allow_pickle: bool,
+    peft_kwargs: dict[str, Any],
+) -> nn.Module:
+    if isinstance(model, PeftModel):
+        raise TypeError(
+            "load_for_inference/load_for_training take the base model, found a PeftModel — "
+            "to add an adapter to it, use safe_lora.load_adapter."
+        )
+    sources = _normalise(adapter, adapter_name)
+    active = next(iter(sources)) if active is None else active
+    if active not in sources:
+        raise UnknownAdapterError(
+            f"active={active!r} is not one of the adapters given: {sorted(sources)} — pass one of those names.",
+            name=active,
+            available=sources,
+        )
+    config, hub, rest = _split_kwargs(peft_kwargs)
+    if config is not None and len(sources) > 1:
+        raise TypeError("config= applies to a single adapter; pass one adapter path, not a mapping.")
+
+    # Every adapter is checked before the first one touches the model.
+    plans = [
+        _plan(
+            model,
+            source,
+            name=name,
+            training=training,
+            dropout=dropout,
+            merge=merge and name == active,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            config=config,
+            hub_kwargs=hub,
+        )
+        for name, source in sources.items()
+    ]
+
+    with _rollback_on_error(model):
+        first, others = plans[0], plans[1:]
+        peft_model = PeftModel.from_pretrained(
+            model,
+            os.fspath(first.files.folder),
+            first.name,
+            is_trainable=training,
+            config=first.config,
+            **_load_kwargs(first, rest),
+        )
+        for plan in others:
+            _add(peft_model, plan, training=training, rest=rest)
+        if active != first.name:
+            peft_model.set_adapter(active, inference_mode=not training)
+        result: nn.Module = peft_model
+        if merge:
+            result = peft_model.merge_and_unload()
+        _set_mode(result, training=training)
+    return result
+
+
+def _load_kwargs(plan: _Plan, rest: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(rest)
+    # Validation proved every adapter tensor is in the file, so PEFT can create them empty and
+    # assign the loaded ones instead of random-initialising weights it would overwrite anyway.
+    # With missing keys (strict=False) the initialised values are what the caller gets, so keep them.
+    kwargs.setdefault("low_cpu_mem_usage", not plan.missing)
+    return kwargs
+
+
+def _add(peft_model: PeftModel, plan: _Plan, *, training: bool, rest: dict[str, Any]) -> None:
+    kwargs = _load_kwargs(plan, rest)
+    # Registering our copied config first makes load_adapter use it instead of re-reading the file.
+    peft_model.add_adapter(plan.name, plan.config, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"])
+    if training:
+        peft_model.set_requires_grad(plan.name)
+    peft_model.load_adapter(os.fspath(plan.files.folder), plan.name, is_trainable=training, **kwargs)
+
+
+def _set_mode(model: nn.Module, *, training: bool) -> None:
+    # Every module, not just the root: a base model in eval under a train-mode PeftModel is the
+    # "mixed tree" this library exists to prevent.
+    model.train(training)
+    if not training:
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+
+@overload
+def load_for_inference(
+    model: nn.Module,
+    adapter: Adapters,
+    *,
+    adapter_name: str = ...,
+    active: str | None = ...,
+    dropout: float | None = ...,
+    merge: Literal[False] = ...,
+    strict: bool = ...,
+    allow_pickle: bool = ...,
+    **peft_kwargs: Any,
+) -> PeftModel: ...
+@overload
+def load_for_inference(
+    model: nn.Module,
+    adapter: Adapters,
+    *,
+    adapter_name: str = ...,
+    active: str | None = ...,
+    dropout: float | None = ...,
+    merge: Literal[True],
+    strict: bool = ...,
+    allow_pickle: bool = ...,
+    **peft_kwargs: Any,
+) -> nn.Module: ...
+def load_for_inference(
+    model: nn.Module,
+    adapter: Adapters,
+    *,
+    adapter_name: str = "default",
+    active: str | None = None,
+    dropout: float | None = 0.0,
+    merge: bool = False,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    **peft_kwargs: Any,
+) -> nn.Module:
+    """Load a PEFT adapter for inference: deterministic, frozen, validated before anything changes.
+
+    Args:
+        model: The base model (e.g. from ``AutoModelForCausalLM.from_pretrained``).
+        adapter: A folder written by ``save_pretrained``, a cached hub repo id, or a
+            ``{name: folder}`` mapping to load several adapters onto one base.
+        adapter_name: The name of a single adapter inside the ``PeftModel``.
+        active: With a mapping, the adapter to activate (default: the first).
+        dropout: The rate every dropout of the adapter's config is set to (on a copy); ``0.0``
+            removes the dropout layers altogether, ``None`` keeps the saved rates.
+        merge: Return the plain base model with the active adapter merged into its weights.
+        strict: Refuse missing or unexpected adapter keys; ``False`` warns and loads what fits.
+        allow_pickle: Allow ``adapter_model.bin`` (pickle) when there is no safetensors file.
+        **peft_kwargs: Passed on to ``PeftModel.from_pretrained`` (``config=``, ``revision=``,
+            ``subfolder=``, ``autocast_adapter_dtype=``, ...). A ``config`` object is copied, never
+            modified.
+
+    Returns:
+        The ``PeftModel`` (or, with ``merge=True``, the merged base model) with every module in
+        eval mode and every parameter ``requires_grad=False``.
+
+    Raises:
+        AdapterNotFoundError: The folder, its config or its weights do not exist.
+        AdapterConfigError: The config is unreadable, of an unknown type, or targets nothing here.
+        AdapterWeightsError: The weights are corrupt, non-finite, or do not fit the config and model.
+        UnsafeAdapterError: Only pickle weights exist and ``allow_pickle`` is false.
+        AdapterMergeError: ``merge=True`` for a tuner that cannot merge.
+
+    Example:
+        >>> model = load_for_inference(base, "out/my-adapter")  # doctest: +SKIP
+        >>> model(**batch).logits  # the same on every call  # doctest: +SKIP
+    """
+    return _load(
+        model,
+        adapter,
+        adapter_name=adapter_name,
+        active=active,
+        training=False,
+        dropout=dropout,
+        merge=merge,
+        strict=strict,
+        allow_pickle=allow_pickle,
+        peft_kwargs=peft_kwargs,
+    )
+
+
+def load_for_training(
+    model: nn.Module,
+    adapter: Adapters,
+    *,
+    adapter_name: str = "default",
+    active: str | None = None,
+    dropout: float | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    **peft_kwargs: Any,
+) -> PeftModel:
+    """Load a PEFT adapter to continue training it: every module in train mode, adapter trainable.
+
+    Args:
+        model: The base model. It may come in eval mode (as ``from_pretrained`` returns it); every
+            module of the result is in train mode all the same.
+        adapter: A folder written by ``save_pretrained``, a cached hub repo id, or a
+            ``{name: folder}`` mapping.
+        adapter_name: The name of a single adapter inside the ``PeftModel``.
+        active: With a mapping, the adapter to activate (default: the first).
+        dropout: When not ``None``, the rate every dropout of the adapter's config is set to (on a copy).
+        strict: Refuse missing or unexpected adapter keys; ``False`` warns and loads what fits.
+        allow_pickle: Allow ``adapter_model.bin`` (pickle) when there is no safetensors file.
+        **peft_kwargs: Passed on to ``PeftModel.from_pretrained``; a ``config`` object is copied.
+
+    Returns:
+        The ``PeftModel`` in train mode, the adapter's parameters ``requires_grad=True`` and the
+        base model's frozen.
+
+    Raises:
+        AdapterNotFoundError, AdapterConfigError, AdapterWeightsError, UnsafeAdapterError: As for
+            :func:`load_for_inference`; the model is left exactly as it was.
+
+    Example:
+        >>> model = load_for_training(base, "out/my-adapter")  # doctest: +SKIP
+        >>> with deterministic_lora(model):  # validation with adapter dropout off  # doctest: +SKIP
+        ...     val_loss = model(**val_batch).loss
+    """
+    result = _load(
+        model,
+        adapter,
+        adapter_name=adapter_name,
+        active=active,
+        training=True,
+        dropout=dropout,
+        merge=False,
+        strict=strict,
+        allow_pickle=allow_pickle,
+        peft_kwargs=peft_kwargs,
+    )
+    assert isinstance(result, PeftModel)
+    return result
