@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
@@ -208,7 +207,8 @@ def _load(
     active = next(iter(sources)) if active is None else active
     if active not in sources:
         raise UnknownAdapterError(
-            f"active={active!r} is not one of the adapters given: {sorted(sources)} — pass one of those names.",
+            f"Unknown active adapter: expected one of {sorted(sources)}, found active={active!r} — "
+            f"pass one of those names.",
             name=active,
             available=sources,
         )

@@ -133,9 +133,10 @@ def dry_run(
     except Exception as exc:  # PEFT raises ValueError/TypeError/KeyError/RuntimeError for bad configs
         where = f" in {os.fspath(path)!r}" if path is not None else ""
         raise AdapterConfigError(
-            f"Adapter config does not fit this model{where}: {exc} — expected target modules that "
-            f"exist in {type(model).__name__} — check that this adapter was trained on this base model "
-            f"architecture, or fix 'target_modules'.",
+            f"Adapter config does not fit this model{where}: {exc} — expected a config PEFT can apply "
+            f"to {type(model).__name__} (target modules that exist in it, valid field values) — check "
+            f"that this adapter was trained on this base model architecture, or fix the config "
+            f"(e.g. 'target_modules').",
             path=path,
         ) from exc
 
@@ -158,12 +159,13 @@ def _new_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str) -> 
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
-    return cls(model, config, adapter_name, low_cpu_mem_usage=True)  # type: ignore[no-any-return]
+    return cls(model, config, adapter_name, low_cpu_mem_usage=True)
 
 
 def _check_mergeable(peft_model: PeftModel, adapter_name: str) -> None:
-    peft_type = str(getattr(peft_model.peft_config[adapter_name], "peft_type", "unknown"))
-    tuner = peft_model.base_model
+    raw_type = getattr(peft_model.peft_config[adapter_name], "peft_type", "unknown")
+    peft_type = str(getattr(raw_type, "value", raw_type))
+    tuner: Any = peft_model.base_model
     if not hasattr(tuner, "merge_and_unload"):
         raise AdapterMergeError(
             f"Cannot merge a {peft_type} adapter: the tuner has no merge_and_unload — expected a tuner "
@@ -206,7 +208,9 @@ def compare(
     }
     where = os.fspath(path)
     if mismatched:
-        detail = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, (a, b) in sorted(mismatched.items()))
+        detail = "; ".join(
+            f"{k}: file {list(a)} vs model {list(b)}" for k, (a, b) in sorted(mismatched.items())
+        )
         raise AdapterWeightsError(
             f"Adapter weights have the wrong shape for this base model in {where!r}: {detail} — "
             f"expected the shapes the config's targets give on this model — load the adapter into the "

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Nothing is downloaded in tests: fail fast instead of waiting on DNS (peft and transformers look
+# up "config.json" of the base model's name when saving).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import copy
 from collections.abc import Callable
 from pathlib import Path
@@ -59,7 +65,7 @@ def save_adapter(
     peft_model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
     if train_steps:
         with torch.no_grad():
-            for name, p in peft_model.named_parameters():
+            for p in peft_model.parameters():
                 if p.requires_grad:
                     p.add_(0.1 * torch.randn_like(p))
     peft_model.save_pretrained(str(path))

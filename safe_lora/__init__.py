@@ -1,0 +1,38 @@
+"""safe_lora: load and evaluate PEFT adapters safely and deterministically."""
+
+from safe_lora._config import dropout_rates
+from safe_lora._loading import load_for_inference, load_for_training
+from safe_lora._version import __version__
+from safe_lora.errors import (
+    AdapterConfigError,
+    AdapterMergeError,
+    AdapterNotFoundError,
+    AdapterWeightsError,
+    BaseModelMismatchWarning,
+    NoAdapterWarning,
+    NondeterministicModelError,
+    SafeLoraError,
+    SafeLoraWarning,
+    StochasticAdapterWarning,
+    UnknownAdapterError,
+    UnsafeAdapterError,
+)
+
+__all__ = [
+    "AdapterConfigError",
+    "AdapterMergeError",
+    "AdapterNotFoundError",
+    "AdapterWeightsError",
+    "BaseModelMismatchWarning",
+    "NoAdapterWarning",
+    "NondeterministicModelError",
+    "SafeLoraError",
+    "SafeLoraWarning",
+    "StochasticAdapterWarning",
+    "UnknownAdapterError",
+    "UnsafeAdapterError",
+    "__version__",
+    "dropout_rates",
+    "load_for_inference",
+    "load_for_training",
+]

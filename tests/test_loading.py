@@ -1,0 +1,467 @@
+"""load_for_inference / load_for_training: the guarantees of issue 2, against real PEFT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MLP, assert_unchanged, make_mlp, save_adapter, snapshot, tiny_llama
+from peft import LoHaConfig, LoraConfig, PeftModel, PromptTuningConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from safe_lora import (
+    AdapterConfigError,
+    AdapterMergeError,
+    AdapterNotFoundError,
+    AdapterWeightsError,
+    BaseModelMismatchWarning,
+    SafeLoraError,
+    UnsafeAdapterError,
+    load_for_inference,
+    load_for_training,
+)
+
+X = torch.tensor([[0.5, -1.0]])
+
+
+def outputs(model: nn.Module, n: int = 200) -> Counter[float]:
+    with torch.no_grad():
+        return Counter(float(model(X).item()) for _ in range(n))
+
+
+# --- the seed scenario: raw PEFT varies, safe_lora does not ------------------------------------
+
+
+def test_raw_peft_trainable_load_is_nondeterministic(mlp_adapter: Path) -> None:
+    """The bug we exist for, reproduced: if PEFT ever fixes it, this test tells us."""
+    torch.manual_seed(0)
+    raw = PeftModel.from_pretrained(make_mlp(), str(mlp_adapter), is_trainable=True)
+    seen = outputs(raw)
+    base_out = float(make_mlp()(X).item())
+    inference_out = float(PeftModel.from_pretrained(make_mlp(), str(mlp_adapter)).eval()(X).item())
+    assert len(seen) > 1
+    assert base_out in seen  # every LoRA input dropped: silently the base model
+    assert seen.most_common(1)[0][0] != pytest.approx(inference_out)  # inverted-dropout scaling
+
+
+def test_load_for_inference_is_bitwise_stable_and_equals_peft_eval(mlp_adapter: Path) -> None:
+    model = load_for_inference(make_mlp(), mlp_adapter)
+    seen = outputs(model)
+    reference = PeftModel.from_pretrained(make_mlp(), str(mlp_adapter)).eval()
+    assert len(seen) == 1
+    assert next(iter(seen)) == pytest.approx(float(reference(X).item()))
+
+
+def test_load_for_inference_returns_eval_frozen_everywhere(mlp_adapter: Path) -> None:
+    model = load_for_inference(make_mlp().train(), mlp_adapter)
+    assert isinstance(model, PeftModel)
+    assert not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_zero_dropout_is_gone_not_disabled(mlp_adapter: Path) -> None:
+    model = load_for_inference(make_mlp(), mlp_adapter)
+    model.train()  # what a careless caller or a framework might do later
+    assert len(outputs(model)) == 1
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("dropout", "expected_p"),
+    [(0.0, None), (None, 0.1), (0.3, 0.3)],
+)
+def test_inference_dropout_override(mlp_adapter: Path, dropout: float | None, expected_p: float | None) -> None:
+    model = load_for_inference(make_mlp(), mlp_adapter, dropout=dropout)
+    layer = model.base_model.model.fc1
+    site = layer.lora_dropout["default"]
+    if expected_p is None:
+        assert isinstance(site, nn.Identity)
+    else:
+        assert isinstance(site, nn.Dropout)
+        assert site.p == pytest.approx(expected_p)
+        assert not site.training
+    assert model.peft_config["default"].inference_mode is True
+
+
+def test_dropout_out_of_range_is_rejected(mlp_adapter: Path, mlp: MLP) -> None:
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        load_for_inference(mlp, mlp_adapter, dropout=1.5)
+    assert_unchanged(mlp, before)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def test_raw_peft_gives_a_mixed_tree_from_an_eval_base(mlp_adapter: Path) -> None:
+    raw = PeftModel.from_pretrained(make_mlp().eval(), str(mlp_adapter), is_trainable=True)
+    flags = {m.training for m in raw.modules()}
+    assert flags == {True, False}  # the trap: model.training reads True, base is in eval
+
+
+def test_load_for_training_every_module_in_train_mode(mlp_adapter: Path) -> None:
+    model = load_for_training(make_mlp().eval(), mlp_adapter)
+    assert all(m.training for m in model.modules())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "base_model.model.fc1.lora_A.default.weight",
+        "base_model.model.fc1.lora_B.default.weight",
+    }
+    assert model.peft_config["default"].inference_mode is False
+    # keeps the saved dropout by default: training goes on as it was configured
+    assert model.base_model.model.fc1.lora_dropout["default"].p == pytest.approx(0.1)
+
+
+def test_load_for_training_dropout_override_and_a_step_trains(mlp_adapter: Path) -> None:
+    model = load_for_training(make_mlp(), mlp_adapter, dropout=0.25)
+    assert model.base_model.model.fc1.lora_dropout["default"].p == pytest.approx(0.25)
+    a = model.base_model.model.fc1.lora_A["default"].weight
+    before = a.detach().clone()
+    loss = model(X).pow(2).sum()
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert not torch.equal(a, before)
+    assert model.base_model.model.fc1.base_layer.weight.grad is None
+
+
+# --- the config copy ---------------------------------------------------------------------------
+
+
+def test_caller_config_and_file_are_not_mutated(mlp_adapter: Path) -> None:
+    on_disk = (mlp_adapter / "adapter_config.json").read_bytes()
+    config = LoraConfig.from_pretrained(str(mlp_adapter))
+    config.inference_mode = False  # as a caller preparing a training run would have it
+
+    load_for_inference(make_mlp(), mlp_adapter, config=config)
+    load_for_training(make_mlp(), mlp_adapter, config=config, dropout=0.4)
+
+    assert config.inference_mode is False
+    assert config.lora_dropout == pytest.approx(0.1)
+    assert (mlp_adapter / "adapter_config.json").read_bytes() == on_disk
+
+
+def test_raw_peft_mutates_the_callers_config(mlp_adapter: Path) -> None:
+    config = LoraConfig.from_pretrained(str(mlp_adapter))
+    config.inference_mode = False
+    PeftModel.from_pretrained(make_mlp(), str(mlp_adapter), config=config)
+    assert config.inference_mode is True  # what we protect callers from
+
+
+# --- merge -------------------------------------------------------------------------------------
+
+
+def test_merge_returns_plain_model_equal_to_unmerged(mlp_adapter: Path) -> None:
+    unmerged = load_for_inference(make_mlp(), mlp_adapter)
+    merged = load_for_inference(make_mlp(), mlp_adapter, merge=True)
+    assert type(merged) is MLP
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert not any(m.training for m in merged.modules())
+    assert not any(p.requires_grad for p in merged.parameters())
+    torch.testing.assert_close(merged(X), unmerged(X))
+
+
+def test_merge_of_unmergeable_tuner_raises_and_leaves_model(tmp_path: Path) -> None:
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    path = save_adapter(tiny_llama(), config, tmp_path / "prompt")
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(AdapterMergeError, match="merge=False") as info:
+        load_for_inference(model, path, merge=True)
+    assert info.value.peft_type == "PROMPT_TUNING"
+    assert_unchanged(model, before)
+
+
+# --- strict and transactional: each error, each leaving the model untouched --------------------
+
+
+def _rm(path: Path) -> None:
+    shutil.rmtree(path)
+
+
+def _rm_config(path: Path) -> None:
+    (path / "adapter_config.json").unlink()
+
+
+def _rm_weights(path: Path) -> None:
+    (path / "adapter_model.safetensors").unlink()
+
+
+def _garbage_config(path: Path) -> None:
+    (path / "adapter_config.json").write_text("{not json")
+
+
+def _edit_config(**changes: object) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        cfg_path = path / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(changes)
+        cfg_path.write_text(json.dumps(cfg))
+
+    return edit
+
+
+def _truncate(path: Path) -> None:
+    f = path / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 20])
+
+
+def _garbage_header(path: Path) -> None:
+    (path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage header}")
+
+
+def _edit_weights(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        f = path / "adapter_model.safetensors"
+        tensors = load_file(str(f))
+        edit(tensors)
+        save_file(tensors, str(f))
+
+    return apply
+
+
+def _drop_b(t: dict[str, torch.Tensor]) -> None:
+    del t["base_model.model.fc1.lora_B.weight"]
+
+
+def _add_stray(t: dict[str, torch.Tensor]) -> None:
+    t["base_model.model.fc2.lora_A.weight"] = torch.zeros(4, 8)
+
+
+def _reshape(t: dict[str, torch.Tensor]) -> None:
+    t["base_model.model.fc1.lora_A.weight"] = torch.zeros(4, 3)
+
+
+def _nan(t: dict[str, torch.Tensor]) -> None:
+    t["base_model.model.fc1.lora_B.weight"][0, 0] = float("nan")
+
+
+def _pickle_only(path: Path) -> None:
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    torch.save(tensors, path / "adapter_model.bin")
+    (path / "adapter_model.safetensors").unlink()
+
+
+BROKEN = [
+    ("no folder", _rm, AdapterNotFoundError, "does not exist .* check the path"),
+    ("no config", _rm_config, AdapterNotFoundError, "no adapter_config.json .* point at the folder"),
+    ("no weights", _rm_weights, AdapterNotFoundError, "expected adapter_model.safetensors"),
+    ("config not json", _garbage_config, AdapterConfigError, "unreadable.*repair the file"),
+    ("unknown type", _edit_config(peft_type="NOPE"), AdapterConfigError, "expected one of .*found 'NOPE'"),
+    ("bad field", _edit_config(r="four"), AdapterConfigError, "does not fit this model.*fix the config"),
+    ("targets nothing", _edit_config(target_modules=["nope"]), AdapterConfigError, "nope.*'target_modules'"),
+    ("truncated", _truncate, AdapterWeightsError, "not a valid safetensors file"),
+    ("garbage header", _garbage_header, AdapterWeightsError, "not a valid safetensors file"),
+    ("missing key", _edit_weights(_drop_b), AdapterWeightsError, r"missing 1 key.*fc1\.lora_B\.weight"),
+    ("unexpected key", _edit_weights(_add_stray), AdapterWeightsError, r"unexpected key.*fc2\.lora_A\.weight"),
+    ("wrong shape", _edit_weights(_reshape), AdapterWeightsError, r"wrong shape.*file \[4, 3\] vs model \[4, 2\]"),
+    ("nan", _edit_weights(_nan), AdapterWeightsError, r"NaN or inf.*fc1\.lora_B\.weight"),
+    ("pickle only", _pickle_only, UnsafeAdapterError, "allow_pickle=True"),
+]
+
+
+@pytest.mark.parametrize("loader", [load_for_inference, load_for_training])
+@pytest.mark.parametrize(("case", "breakage", "error", "match"), BROKEN, ids=[c[0] for c in BROKEN])
+def test_broken_adapter_raises_and_leaves_model_exactly_as_it_was(
+    mlp_adapter: Path,
+    loader: Callable[..., nn.Module],
+    case: str,
+    breakage: Callable[[Path], None],
+    error: type[Exception],
+    match: str,
+) -> None:
+    breakage(mlp_adapter)
+    model = make_mlp()
+    model.fc2.requires_grad_(False)  # a flag the caller set on purpose
+    model.fc1.eval()
+    before = snapshot(model)
+    with pytest.raises(error, match=match) as info:
+        loader(model, mlp_adapter)
+    assert isinstance(info.value, SafeLoraError)
+    assert_unchanged(model, before)
+
+
+def test_error_attributes_name_the_keys_sorted(mlp_adapter: Path) -> None:
+    def drop_both(t: dict[str, torch.Tensor]) -> None:
+        del t["base_model.model.fc1.lora_B.weight"]
+        del t["base_model.model.fc1.lora_A.weight"]
+
+    _edit_weights(drop_both)(mlp_adapter)
+    with pytest.raises(AdapterWeightsError) as info:
+        load_for_inference(make_mlp(), mlp_adapter)
+    assert info.value.missing_keys == [
+        "base_model.model.fc1.lora_A.weight",
+        "base_model.model.fc1.lora_B.weight",
+    ]
+    assert info.value.path == str(mlp_adapter / "adapter_model.safetensors")
+    assert isinstance(info.value, ValueError)
+
+
+def test_pickle_loads_when_allowed(mlp_adapter: Path) -> None:
+    expected = load_for_inference(make_mlp(), mlp_adapter)(X)
+    _pickle_only(mlp_adapter)
+    model = load_for_inference(make_mlp(), mlp_adapter, allow_pickle=True)
+    torch.testing.assert_close(model(X), expected)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [(_drop_b, "fc1.lora_B.weight"), (_add_stray, "fc2.lora_A.weight")],
+)
+def test_strict_false_warns_naming_keys_and_loads(
+    mlp_adapter: Path, edit: Callable[[dict[str, torch.Tensor]], None], named: str
+) -> None:
+    _edit_weights(edit)(mlp_adapter)
+    with pytest.warns(UserWarning, match=rf"strict=False.*{named}"):
+        model = load_for_inference(make_mlp(), mlp_adapter, strict=False)
+    assert isinstance(model, PeftModel)
+    assert not any(m.training for m in model.modules())
+
+
+def test_failure_inside_peft_rolls_back(mlp_adapter: Path) -> None:
+    """A failure after injection (here: PEFT cannot place weights on a bogus device) is undone."""
+    model = make_mlp()
+    before = snapshot(model)
+    with pytest.raises(SafetensorError, match="bogus"):
+        load_for_inference(model, mlp_adapter, torch_device="bogus")
+    assert_unchanged(model, before)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    # and the model is still usable by a second, correct load
+    assert isinstance(load_for_inference(model, mlp_adapter), PeftModel)
+
+
+def test_peft_model_is_refused_with_a_hint(mlp_adapter: Path) -> None:
+    model = load_for_inference(make_mlp(), mlp_adapter)
+    with pytest.raises(TypeError, match="use safe_lora.load_adapter"):
+        load_for_inference(model, mlp_adapter)
+
+
+def test_is_trainable_kwarg_is_refused(mlp_adapter: Path) -> None:
+    with pytest.raises(TypeError, match="use load_for_training"):
+        load_for_inference(make_mlp(), mlp_adapter, is_trainable=True)
+
+
+# --- base model mismatch, hub ids --------------------------------------------------------------
+
+
+def test_base_model_mismatch_warns(tmp_path: Path) -> None:
+    config = LoraConfig(target_modules=["q_proj", "v_proj"], r=2, task_type="CAUSAL_LM")
+    path = save_adapter(tiny_llama(), config, tmp_path / "a")
+    other = tiny_llama()
+    other.config.name_or_path = "someone/else"
+    other.name_or_path = "someone/else"
+    with pytest.warns(BaseModelMismatchWarning, match="trained on 'tiny-llama'.*'someone/else'"):
+        load_for_inference(other, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)
+        load_for_inference(tiny_llama(), path)
+
+
+def test_uncached_hub_id_is_not_found(tmp_path: Path, mlp: MLP) -> None:
+    before = snapshot(mlp)
+    with pytest.raises(AdapterNotFoundError, match="not in the Hugging Face cache") as info:
+        load_for_inference(mlp, "some-org/not-cached-adapter", cache_dir=str(tmp_path / "hub"))
+    assert info.value.path == "some-org/not-cached-adapter"
+    assert isinstance(info.value, FileNotFoundError)
+    assert_unchanged(mlp, before)
+
+
+def test_cached_hub_id_resolves_through_the_cache(tmp_path: Path, mlp_adapter: Path) -> None:
+    cache = tmp_path / "hub"
+    repo = cache / "models--some-org--my-adapter"
+    shutil.copytree(mlp_adapter, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    model = load_for_inference(make_mlp(), "some-org/my-adapter", cache_dir=str(cache))
+    torch.testing.assert_close(model(X), load_for_inference(make_mlp(), mlp_adapter)(X))
+
+
+def test_subfolder(tmp_path: Path, mlp_adapter: Path) -> None:
+    shutil.move(str(mlp_adapter), str(tmp_path / "repo" / "sub"))
+    model = load_for_inference(make_mlp(), tmp_path / "repo", subfolder="sub")
+    assert isinstance(model, PeftModel)
+
+
+# --- other tuners and a real transformers architecture -----------------------------------------
+
+
+def test_loha_rank_and_module_dropout(tmp_path: Path) -> None:
+    config = LoHaConfig(target_modules=["fc1"], r=4, rank_dropout=0.5, module_dropout=0.5, init_weights=False)
+    path = save_adapter(make_mlp(), config, tmp_path / "loha")
+
+    raw = PeftModel.from_pretrained(make_mlp(), str(path), is_trainable=True)
+    assert len(outputs(raw, 50)) > 1
+
+    model = load_for_inference(make_mlp(), path)
+    layer = model.base_model.model.fc1
+    assert layer.rank_dropout["default"] == 0.0
+    assert layer.module_dropout["default"] == 0.0
+    model.train()  # rates are zero: even train mode cannot bring dropout back
+    assert len(outputs(model, 50)) == 1
+
+    kept = load_for_inference(make_mlp(), path, dropout=None)
+    assert kept.base_model.model.fc1.rank_dropout["default"] == pytest.approx(0.5)
+    assert len(outputs(kept, 20)) == 1  # eval mode everywhere
+
+    trained = load_for_training(make_mlp(), path)
+    assert trained.base_model.model.fc1.module_dropout["default"] == pytest.approx(0.5)
+    assert all(m.training for m in trained.modules())
+
+
+def test_transformers_round_trip_with_merge(tmp_path: Path) -> None:
+    config = LoraConfig(
+        target_modules="all-linear", r=4, lora_dropout=0.2, init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    path = save_adapter(tiny_llama(), config, tmp_path / "llama")
+    ids = torch.tensor([[1, 5, 9, 3, 2]])
+    reference = PeftModel.from_pretrained(tiny_llama(), str(path)).eval()(ids).logits
+
+    model = load_for_inference(tiny_llama(), path)
+    first = model(ids).logits
+    assert torch.equal(first, model(ids).logits)
+    torch.testing.assert_close(first, reference)
+
+    merged = load_for_inference(tiny_llama(), path, merge=True)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(ids).logits, reference, atol=1e-5, rtol=1e-4)
+
+    trained = load_for_training(tiny_llama(), path)
+    assert all(m.training for m in trained.modules())
+    assert trained.training
+    out = trained(ids, labels=ids)
+    out.loss.backward()
+    grads = [n for n, p in trained.named_parameters() if p.grad is not None]
+    assert grads and all("lora_" in n for n in grads)
+
+
+def test_transformers_shape_mismatch_leaves_model(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LoraConfig(target_modules=["q_proj"], r=2, task_type="CAUSAL_LM")
+    path = save_adapter(tiny_llama(), config, tmp_path / "a")
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
+    before = snapshot(wider)
+    with pytest.raises(AdapterWeightsError, match="wrong shape") as info:
+        load_for_inference(wider, path)
+    assert info.value.mismatched_keys
+    assert list(info.value.mismatched_keys) == sorted(info.value.mismatched_keys)
+    assert_unchanged(wider, before)
