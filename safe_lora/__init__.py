@@ -1,10 +1,12 @@
 """safe_lora: load and evaluate PEFT adapters safely and deterministically."""
 
+from safe_lora._adapters import use_adapter
 from safe_lora._config import dropout_rates
-from safe_lora._loading import load_for_inference, load_for_training
+from safe_lora._loading import load_adapter, load_for_inference, load_for_training
 from safe_lora._version import __version__
 from safe_lora.errors import (
     AdapterConfigError,
+    AdapterExistsError,
     AdapterMergeError,
     AdapterNotFoundError,
     AdapterWeightsError,
@@ -20,6 +22,7 @@ from safe_lora.errors import (
 
 __all__ = [
     "AdapterConfigError",
+    "AdapterExistsError",
     "AdapterMergeError",
     "AdapterNotFoundError",
     "AdapterWeightsError",
@@ -33,6 +36,8 @@ __all__ = [
     "UnsafeAdapterError",
     "__version__",
     "dropout_rates",
+    "load_adapter",
     "load_for_inference",
     "load_for_training",
+    "use_adapter",
 ]

@@ -27,9 +27,11 @@ from safe_lora._config import (
     read_config,
     resolve_adapter,
 )
+from safe_lora._modes import ModeSnapshot
 from safe_lora._validate import HeaderEntry, compare, dry_run, iter_tensors, nonfinite_keys, read_header
 from safe_lora.errors import (
     AdapterConfigError,
+    AdapterExistsError,
     AdapterNotFoundError,
     AdapterWeightsError,
     BaseModelMismatchWarning,
@@ -417,3 +419,96 @@ def load_for_training(
     )
     assert isinstance(result, PeftModel)
     return result
+
+
+def load_adapter(
+    model: PeftModel,
+    adapter: AdapterSource,
+    *,
+    adapter_name: str,
+    dropout: float | Literal["auto"] | None = "auto",
+    strict: bool = True,
+    allow_pickle: bool = False,
+    **peft_kwargs: Any,
+) -> PeftModel:
+    """Load one more adapter into a model from :func:`load_for_inference` / :func:`load_for_training`.
+
+    The same checks as single loading run first; then the adapter is added without disturbing
+    anything else: every module's mode, the active adapter(s) and every existing parameter's
+    ``requires_grad`` stay as they were (PEFT's own ``load_adapter`` switches the whole model to
+    eval). In an inference model the new adapter gets zero dropout and no gradients; in a training
+    model it is trainable, like the first one.
+
+    Args:
+        model: A ``PeftModel`` holding at least one adapter.
+        adapter: A folder written by ``save_pretrained`` or a cached hub repo id.
+        adapter_name: The new adapter's name; must not be taken.
+        dropout: ``"auto"`` zeroes dropout in an inference model and keeps the saved rates in a
+            training model; a float or ``None`` as for :func:`load_for_inference`.
+        strict: Refuse missing or unexpected adapter keys.
+        allow_pickle: Allow ``adapter_model.bin`` when there is no safetensors file.
+        **peft_kwargs: Passed on to ``PeftModel.load_adapter``; a ``config`` object is copied.
+
+    Returns:
+        ``model``, with the adapter added (not activated: use :func:`use_adapter`).
+
+    Raises:
+        AdapterExistsError: ``adapter_name`` is already taken.
+        AdapterNotFoundError, AdapterConfigError, AdapterWeightsError, UnsafeAdapterError: As for
+            :func:`load_for_inference`; the model is left exactly as it was.
+
+    Example:
+        >>> model = load_for_inference(base, {"chat": "out/chat"})  # doctest: +SKIP
+        >>> load_adapter(model, "out/sql", adapter_name="sql")  # doctest: +SKIP
+        >>> with use_adapter(model, "sql"):  # doctest: +SKIP
+        ...     model.generate(**batch)
+    """
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"load_adapter adds to a PeftModel, found {type(model).__name__} — load the first adapter "
+            f"with load_for_inference or load_for_training."
+        )
+    if adapter_name in model.peft_config:
+        raise AdapterExistsError(
+            f"Adapter name taken: the model already holds {sorted(model.peft_config)} — pass a new "
+            f"adapter_name, or delete the old one with model.delete_adapter({adapter_name!r}).",
+            name=adapter_name,
+            available=model.peft_config,
+        )
+    training = not all(getattr(c, "inference_mode", False) for c in model.peft_config.values())
+    if dropout == "auto":
+        dropout = None if training else 0.0
+    config, hub, rest = _split_kwargs(peft_kwargs)
+    plan = _plan(
+        model,
+        adapter,
+        name=adapter_name,
+        training=training,
+        dropout=dropout,
+        merge=False,
+        strict=strict,
+        allow_pickle=allow_pickle,
+        config=config,
+        hub_kwargs=hub,
+    )
+    active = list(model.active_adapters)
+    modes = ModeSnapshot(model)
+    with _rollback_on_error(model):
+        _add(model, plan, training=training, rest=rest)
+        _activate(model, active)
+        # New modules take the root's mode; everything that existed gets its own flag back.
+        model.train(modes.flags[0][1])
+        for name, param in model.named_parameters():
+            if f".{adapter_name}." in f".{name}.":
+                param.requires_grad_(training)
+        modes.restore()
+    return model
+
+
+def _activate(model: PeftModel, names: list[str]) -> None:
+    """Make exactly ``names`` active without PEFT's side effect of switching gradients on."""
+    if len(names) == 1:
+        model.set_adapter(names[0], inference_mode=True)
+    else:
+        tuner: Any = model.base_model
+        tuner.set_adapter(names, inference_mode=True)

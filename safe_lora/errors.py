@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdapterConfigError",
+    "AdapterExistsError",
     "AdapterMergeError",
     "AdapterNotFoundError",
     "AdapterWeightsError",
@@ -139,6 +140,20 @@ class UnknownAdapterError(SafeLoraError, KeyError):
     def __str__(self) -> str:
         # KeyError would repr() the message and wrap it in quotes.
         return str(self.args[0])
+
+
+class AdapterExistsError(SafeLoraError, ValueError):
+    """An adapter is loaded under a name the model already holds.
+
+    Attributes:
+        name: The name asked for.
+        available: The adapter names the model holds (sorted).
+    """
+
+    def __init__(self, message: str, *, name: str, available: Iterable[str]) -> None:
+        super().__init__(message)
+        self.name = name
+        self.available = sorted(available)
 
 
 class NondeterministicModelError(SafeLoraError, RuntimeError):

@@ -79,7 +79,9 @@ def test_zero_dropout_is_gone_not_disabled(mlp_adapter: Path) -> None:
     ("dropout", "expected_p"),
     [(0.0, None), (None, 0.1), (0.3, 0.3)],
 )
-def test_inference_dropout_override(mlp_adapter: Path, dropout: float | None, expected_p: float | None) -> None:
+def test_inference_dropout_override(
+    mlp_adapter: Path, dropout: float | None, expected_p: float | None
+) -> None:
     model = load_for_inference(make_mlp(), mlp_adapter, dropout=dropout)
     layer = model.base_model.model.fc1
     site = layer.lora_dropout["default"]
@@ -262,8 +264,8 @@ BROKEN = [
     ("truncated", _truncate, AdapterWeightsError, "not a valid safetensors file"),
     ("garbage header", _garbage_header, AdapterWeightsError, "not a valid safetensors file"),
     ("missing key", _edit_weights(_drop_b), AdapterWeightsError, r"missing 1 key.*fc1\.lora_B\.weight"),
-    ("unexpected key", _edit_weights(_add_stray), AdapterWeightsError, r"unexpected key.*fc2\.lora_A\.weight"),
-    ("wrong shape", _edit_weights(_reshape), AdapterWeightsError, r"wrong shape.*file \[4, 3\] vs model \[4, 2\]"),
+    ("unexpected key", _edit_weights(_add_stray), AdapterWeightsError, r"unexpected.*fc2\.lora_A\.weight"),
+    ("wrong shape", _edit_weights(_reshape), AdapterWeightsError, r"shape.*file \[4, 3\] vs model \[4, 2\]"),
     ("nan", _edit_weights(_nan), AdapterWeightsError, r"NaN or inf.*fc1\.lora_B\.weight"),
     ("pickle only", _pickle_only, UnsafeAdapterError, "allow_pickle=True"),
 ]
@@ -341,7 +343,7 @@ def test_failure_inside_peft_rolls_back(mlp_adapter: Path) -> None:
 
 def test_peft_model_is_refused_with_a_hint(mlp_adapter: Path) -> None:
     model = load_for_inference(make_mlp(), mlp_adapter)
-    with pytest.raises(TypeError, match="use safe_lora.load_adapter"):
+    with pytest.raises(TypeError, match=r"use safe_lora\.load_adapter"):
         load_for_inference(model, mlp_adapter)
 
 
@@ -441,7 +443,8 @@ def test_transformers_round_trip_with_merge(tmp_path: Path) -> None:
     out = trained(ids, labels=ids)
     out.loss.backward()
     grads = [n for n, p in trained.named_parameters() if p.grad is not None]
-    assert grads and all("lora_" in n for n in grads)
+    assert grads
+    assert all("lora_" in n for n in grads)
 
 
 def test_transformers_shape_mismatch_leaves_model(tmp_path: Path) -> None:
