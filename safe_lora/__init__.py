@@ -2,6 +2,8 @@
 
 from safe_lora._adapters import use_adapter
 from safe_lora._config import dropout_rates
+from safe_lora._dropout import DropoutSite, assert_deterministic, deterministic_lora, live_dropout
+from safe_lora._inspect import AdapterReport, Finding, inspect_adapter
 from safe_lora._loading import load_adapter, load_for_inference, load_for_training
 from safe_lora._version import __version__
 from safe_lora.errors import (
@@ -25,8 +27,11 @@ __all__ = [
     "AdapterExistsError",
     "AdapterMergeError",
     "AdapterNotFoundError",
+    "AdapterReport",
     "AdapterWeightsError",
     "BaseModelMismatchWarning",
+    "DropoutSite",
+    "Finding",
     "NoAdapterWarning",
     "NondeterministicModelError",
     "SafeLoraError",
@@ -35,7 +40,11 @@ __all__ = [
     "UnknownAdapterError",
     "UnsafeAdapterError",
     "__version__",
+    "assert_deterministic",
+    "deterministic_lora",
     "dropout_rates",
+    "inspect_adapter",
+    "live_dropout",
     "load_adapter",
     "load_for_inference",
     "load_for_training",

@@ -1,0 +1,323 @@
+"""The ``safe-lora`` command: ``demo``, ``inspect PATH`` and ``--version``.
+
+Thin by design: argument parsing, dispatch, printing and exit codes. The work is done by
+:func:`safe_lora._demo.run_demo` and :func:`safe_lora._inspect.inspect_adapter`.
+
+Exit codes: 0 success (for ``inspect``: the folder would load safely), 1 failure (the reason on
+stderr, never a traceback), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
+
+from safe_lora._version import __version__
+from safe_lora.errors import SafeLoraError
+
+if TYPE_CHECKING:
+    from safe_lora._demo import DemoReport
+    from safe_lora._inspect import AdapterReport
+
+__all__ = ["main"]
+
+PROG = "safe-lora"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+BAR_WIDTH = 32
+WRAP = 100
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``safe-lora`` command line.
+
+    Args:
+        argv: The arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 success, 1 failure (reason on stderr), 2 usage error, 130 interrupted.
+
+    Example:
+        >>> main(["inspect", "out/my-adapter", "--json"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: expected a command (demo or inspect)", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        return handler(args)
+    except SafeLoraError as exc:
+        _fail(str(exc))
+        return EXIT_FAILED
+    except OSError as exc:  # unreadable files and the like: the same contract, no traceback
+        _fail(f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``safe-lora`` (exposed for documentation tools and tests)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Load and evaluate PEFT adapters safely and deterministically.",
+        epilog="Exit codes: 0 success, 1 failure (reason on stderr), 2 usage error.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="show raw PEFT loading giving different outputs, and safe_lora giving one",
+        description=(
+            "Train a tiny LoRA adapter with dropout (built in code, nothing downloaded), save it, and "
+            "run one input many times through each way of loading it: raw PEFT for training, raw "
+            "PEFT for inference, load_for_inference, and load_for_training inside deterministic_lora."
+        ),
+    )
+    demo.add_argument(
+        "--trials", type=_int_in(1, 100_000), default=200, help="runs per variant (default: 200)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
+    demo.add_argument(
+        "--dropout", type=_rate, default=0.5, help="the adapter's lora_dropout, in [0, 1) (default: 0.5)"
+    )
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.set_defaults(handler=_demo)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="what is in an adapter folder, and would it load safely",
+        description=(
+            "Report an adapter folder's PEFT type, rank, every dropout rate, targets, base model, "
+            "weight files and tensor sizes (from the safetensors header; a pickle is never opened), "
+            "and what would go wrong. Exit 0 when safe_lora would load it, 1 when not."
+        ),
+    )
+    inspect.add_argument("path", metavar="PATH", help="adapter folder (or a repo id in the local HF cache)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="judge a pickle-only folder as load_*(allow_pickle=True) would (it is still never opened)",
+    )
+    inspect.add_argument(
+        "--header-only", action="store_true", help="skip scanning the tensor values for NaN/inf"
+    )
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument types
+# --------------------------------------------------------------------------------------------------
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low} to {high}, found {value}")
+        return value
+
+    return parse
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), found {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), found {value:g}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from safe_lora._demo import run_demo
+
+    report = run_demo(trials=args.trials, seed=args.seed, dropout=args.dropout)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render_demo(report, bar=_bar_char(sys.stdout)))
+    if not report.ok:
+        _fail(report.verdict)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from safe_lora._inspect import inspect_adapter
+
+    report = inspect_adapter(args.path, allow_pickle=args.allow_pickle, check_values=not args.header_only)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render_inspect(report))
+    if not report.loads_safely:
+        reasons = "\n".join(f"  - {f.message}" for f in report.errors)
+        _fail(f"{report.path} would not load safely:\n{reasons}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+
+def _bar_char(stream: TextIO) -> str:
+    """A full block when the stream can encode it (a Windows code page may not), else ``#``."""
+    try:
+        "█".encode(stream.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "#"
+    return "█"
+
+
+def render_demo(report: DemoReport, *, bar: str = "#") -> str:
+    """The text of ``safe-lora demo``: setup, one histogram per variant, the verdict.
+
+    Output values are printed with ``repr``, so they read exactly as in the ``--json`` report.
+
+    Args:
+        report: What :func:`safe_lora._demo.run_demo` returned.
+        bar: The character the histogram bars are drawn with.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    lines = [
+        f"safe-lora demo: one input, {report.trials} runs through each of {len(report.variants)} ways "
+        f"of loading the same LoRA adapter",
+        "",
+        f"  network  Linear(2->8) -> ReLU -> Linear(8->1); LoRA r={report.rank}, alpha={report.alpha} "
+        f"on fc1, lora_dropout={report.dropout:g}; seed {report.seed}",
+        f"  adapter  trained {report.train_steps} Adam steps on synthetic data, "
+        f"MSE {report.loss_base!r} -> {report.loss_adapter!r}",
+        f"  input    x = {report.input!r}",
+        f"  outputs  base model {report.base_output!r}, trained adapter {report.adapter_output!r} "
+        f"(eval mode, before saving)",
+    ]
+    width = max(len(repr(o.value)) for v in report.variants for o in v.outputs)
+    for number, variant in enumerate(report.variants, 1):
+        kind = "safe_lora" if variant.safe else "raw PEFT"
+        plural = "output" if variant.distinct == 1 else "outputs"
+        lines += ["", f"{number}. [{kind}] {variant.code}"]
+        lines.append(f"   {variant.distinct} distinct {plural} in {report.trials} runs")
+        for out in variant.outputs:
+            share = out.count / report.trials
+            drawn = bar * max(1, round(share * BAR_WIDTH))
+            marks = []
+            if out.is_adapter:
+                marks.append("= trained adapter")
+            if out.is_base:
+                marks.append("= base model (the adapter dropped out entirely)")
+            mark = f"  {', '.join(marks)}" if marks else ""
+            lines.append(
+                f"     {out.value!r:>{width}}  {drawn:<{BAR_WIDTH}} {out.count:>6}  {100 * share:5.1f}%{mark}"
+            )
+    lines += ["", f"verdict: {report.verdict}"]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) if value else "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) if value else "-"
+    return str(value)
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(text, WRAP, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
+
+
+def render_inspect(report: AdapterReport) -> str:
+    """The text of ``safe-lora inspect``: the config and files, the findings, whether it loads safely.
+
+    Args:
+        report: What :func:`safe_lora.inspect_adapter` returned.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    rows: list[tuple[str, Any]] = [
+        ("peft type", report.peft_type),
+        ("task type", report.task_type),
+        ("rank", report.rank),
+        ("alpha", report.alpha),
+    ]
+    if report.rank_pattern:
+        rows.append(("rank_pattern", report.rank_pattern))
+    if report.alpha_pattern:
+        rows.append(("alpha_pattern", report.alpha_pattern))
+    rows += [
+        ("dropout", report.dropout),
+        ("target modules", report.target_modules),
+    ]
+    if report.target_parameters:
+        rows.append(("target params", report.target_parameters))
+    rows += [
+        ("modules_to_save", report.modules_to_save),
+        ("base model", report.base_model_name_or_path),
+        ("inference_mode", report.inference_mode),
+    ]
+    lines = [f"adapter  {report.path}", ""]
+    lines += [f"  {name:<16} {_fmt(value)}" for name, value in rows]
+    files = [
+        f"{w.name} ({w.format}, {w.size_bytes:,} bytes{', not opened' if w.format == 'pickle' else ''})"
+        for w in report.weight_files
+    ]
+    lines.append(f"  {'weights':<16} {files[0] if files else '-'}")
+    lines += [f"  {'':<16} {line}" for line in files[1:]]
+    if report.tensor_count is not None:
+        dtypes = ", ".join(f"{dtype} x{count}" for dtype, count in report.dtypes.items())
+        lines.append(
+            f"  {'tensors':<16} {report.tensor_count:,} tensors, {report.parameter_count:,} parameters, "
+            f"{report.tensor_bytes:,} bytes" + (f" ({dtypes})" if dtypes else "")
+        )
+    lines += ["", "findings" if report.findings else "findings: none"]
+    for finding in report.findings:
+        lines += _wrap(f"{finding.severity:<7} {finding.code}: {finding.message}", "  ")
+    lines.append("")
+    if report.loads_safely:
+        lines += _wrap(
+            "loads safely: yes (load_for_inference / load_for_training would accept it; shapes are "
+            "checked against your base model when loading)",
+            "",
+        )
+    else:
+        lines.append(f"loads safely: no ({len(report.errors)} error(s) above)")
+    return "\n".join(lines)
