@@ -124,8 +124,8 @@ class AdapterMergeError(SafeLoraError, ValueError):
         self.peft_type = peft_type
 
 
-class UnknownAdapterError(SafeLoraError, KeyError):
-    """An adapter name was asked for that the model does not hold.
+class _AdapterNameError(SafeLoraError):
+    """Shared shape of the errors about an adapter's name.
 
     Attributes:
         name: The name asked for.
@@ -136,24 +136,18 @@ class UnknownAdapterError(SafeLoraError, KeyError):
         super().__init__(message)
         self.name = name
         self.available = sorted(available)
+
+
+class UnknownAdapterError(_AdapterNameError, KeyError):
+    """An adapter name was asked for that the model does not hold (``name``, ``available``)."""
 
     def __str__(self) -> str:
         # KeyError would repr() the message and wrap it in quotes.
         return str(self.args[0])
 
 
-class AdapterExistsError(SafeLoraError, ValueError):
-    """An adapter is loaded under a name the model already holds.
-
-    Attributes:
-        name: The name asked for.
-        available: The adapter names the model holds (sorted).
-    """
-
-    def __init__(self, message: str, *, name: str, available: Iterable[str]) -> None:
-        super().__init__(message)
-        self.name = name
-        self.available = sorted(available)
+class AdapterExistsError(_AdapterNameError, ValueError):
+    """An adapter is loaded under a name the model already holds (``name``, ``available``)."""
 
 
 class NondeterministicModelError(SafeLoraError, RuntimeError):

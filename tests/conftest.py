@@ -18,18 +18,10 @@ import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 
+from safe_lora._demo import DemoMLP
 
-class MLP(nn.Module):
-    """The issue's seed network: Linear(2, 8) -> ReLU -> Linear(8, 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(2, 8)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))  # type: ignore[no-any-return]
+# The issue's seed network, Linear(2, 8) -> ReLU -> Linear(8, 1): the demo's, so both show the same.
+MLP = DemoMLP
 
 
 def make_mlp(seed: int = 0) -> MLP:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_unchanged, make_mlp, save_adapter, snapshot
+from conftest import MLP, assert_unchanged, make_mlp, save_adapter, snapshot
 from peft import LoraConfig, PeftModel
 from torch import nn
 
@@ -199,6 +199,6 @@ def test_load_adapter_needs_a_peft_model(adapters: dict[str, Path]) -> None:
 
 def test_merged_serving_of_the_chosen_adapter(adapters: dict[str, Path]) -> None:
     merged = load_for_inference(make_mlp(), adapters, active="c", merge=True)
-    assert type(merged).__name__ == "MLP"
+    assert type(merged) is MLP
     assert no_grads(merged)
     torch.testing.assert_close(merged(X), alone(adapters["c"]))
