@@ -1,8 +1,10 @@
-"""The load functions: resolve -> config copy -> validate -> inject -> load -> set mode.
+"""The load functions: resolve -> config copy -> read header -> inject -> validate -> load -> set mode.
 
-Every check runs before the caller's model is touched (see :mod:`safe_lora._validate`). The
-mutating part then runs under a snapshot of the module tree, so that a failure PEFT raises
-half-way (or a KeyboardInterrupt) still leaves the caller's model exactly as it was.
+What can be checked on disk (folder, config, safetensors header, pickle) is checked for every
+adapter before the caller's model is touched. The rest (targets that match nothing, keys and
+shapes against the injected adapter, NaN/inf, mergeability) runs under a snapshot of the module
+tree, taken by reference, so that any failure -- ours, PEFT's, or a KeyboardInterrupt -- leaves
+the caller's model exactly as it was, without a second copy of any weights.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
@@ -28,7 +31,15 @@ from safe_lora._config import (
     resolve_adapter,
 )
 from safe_lora._modes import ModeSnapshot
-from safe_lora._validate import HeaderEntry, compare, dry_run, iter_tensors, nonfinite_keys, read_header
+from safe_lora._validate import (
+    HeaderEntry,
+    check_mergeable,
+    compare,
+    expected_keys,
+    iter_tensors,
+    nonfinite_keys,
+    read_header,
+)
 from safe_lora.errors import (
     AdapterConfigError,
     AdapterExistsError,
@@ -45,12 +56,13 @@ Adapters = AdapterSource | Mapping[str, AdapterSource]
 
 @dataclass
 class _Plan:
-    """One adapter, resolved and checked, ready to be loaded without further surprises."""
+    """One adapter, resolved and read from disk; nothing about the model yet."""
 
     name: str
     files: AdapterFiles
+    weights: Path
     config: PeftConfig
-    missing: list[str]
+    header: dict[str, HeaderEntry]
 
 
 class _TreeSnapshot:
@@ -74,7 +86,9 @@ class _TreeSnapshot:
 
 
 def _shallow(value: Any) -> Any:
-    return copy.copy(value) if isinstance(value, (dict, set, list)) else value
+    # .copy() keeps the type (OrderedDict for hooks) and is far cheaper than copy.copy here:
+    # this runs for every attribute of every module on each load.
+    return value.copy() if isinstance(value, (dict, set, list)) else value
 
 
 @contextmanager
@@ -100,13 +114,11 @@ def _plan(
     name: str,
     training: bool,
     dropout: float | None,
-    merge: bool,
-    strict: bool,
     allow_pickle: bool,
     config: PeftConfig | None,
     hub_kwargs: dict[str, Any],
 ) -> _Plan:
-    """Everything that can go wrong, checked on disk and on a meta skeleton; the model is not touched."""
+    """Everything that can be checked on disk: folder, config, weights file and its header."""
     folder = resolve_adapter(source, **hub_kwargs)
     files = find_files(folder, allow_pickle=allow_pickle)
     if config is not None and not isinstance(config, PeftConfig):
@@ -115,8 +127,9 @@ def _plan(
     prepared = prepared_copy(saved, dropout=dropout, inference_mode=not training)
     if training and prepared.is_prompt_learning:
         raise AdapterConfigError(
-            f"Cannot load a {prepared.peft_type} adapter for training: PEFT can only load prompt-learning "
-            f"adapters frozen — use load_for_inference, or train a fresh adapter with get_peft_model.",
+            f"Cannot load a {_peft_type(prepared)} adapter for training: PEFT can only load "
+            f"prompt-learning adapters frozen — use load_for_inference, or train a fresh adapter "
+            f"with get_peft_model.",
             path=folder,
         )
     if files.weights is None:
@@ -125,18 +138,13 @@ def _plan(
             f"re-save the adapter with save_pretrained.",
             path=folder / "adapter_model.safetensors",
         )
-
     if files.weights_format == "safetensors":
         header = read_header(files.weights)
-        tensors = iter_tensors(files.weights)
+        bad = nonfinite_keys(iter_tensors(files.weights))
     else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
         state = torch.load(files.weights, map_location="cpu", weights_only=True)
         header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in state.items()}
-        tensors = iter(state.items())
-
-    plan = dry_run(model, prepared, adapter_name=name, merge=merge, path=folder)
-    missing, unexpected = compare(header, plan, path=files.weights, strict=strict)
-    bad = nonfinite_keys(tensors)
+        bad = nonfinite_keys(state.items())
     if bad:
         raise AdapterWeightsError(
             f"Adapter weights hold NaN or inf in {os.fspath(files.weights)!r}: {_fmt_keys(bad)} — "
@@ -144,26 +152,96 @@ def _plan(
             path=files.weights,
             nonfinite_keys=bad,
         )
-    if missing or unexpected:
-        warnings.warn(
-            f"Loading adapter {name!r} from {os.fspath(folder)!r} with strict=False: "
-            f"missing keys (left at their initial values): [{_fmt_keys(missing)}]; "
-            f"unexpected keys (ignored): [{_fmt_keys(unexpected)}].",
-            UserWarning,
-            stacklevel=4,
-        )
 
     trained_on = getattr(prepared, "base_model_name_or_path", None) or ""
     loading_into = _name_or_path(model)
     if trained_on and loading_into and trained_on != loading_into:
         warnings.warn(
             f"Adapter {name!r} was trained on {trained_on!r} but is loaded into {loading_into!r} — "
-            f"keys and shapes fit, but the outputs may be meaningless if the weights differ — load the "
-            f"base model the adapter was trained on.",
+            f"keys and shapes are checked, but the outputs may be meaningless if the weights differ — "
+            f"load the base model the adapter was trained on.",
             BaseModelMismatchWarning,
             stacklevel=4,
         )
-    return _Plan(name=name, files=files, config=prepared, missing=missing)
+    return _Plan(name=name, files=files, weights=files.weights, config=prepared, header=header)
+
+
+def _peft_type(config: PeftConfig) -> str:
+    raw = getattr(config, "peft_type", "unknown")
+    return str(getattr(raw, "value", raw))
+
+
+def _attach(
+    target: nn.Module, plan: _Plan, *, training: bool, strict: bool, rest: dict[str, Any]
+) -> PeftModel:
+    """Inject ``plan``'s adapter into ``target``, check it against the file, load and check values.
+
+    ``target`` is a base model (a ``PeftModel`` is built around it) or a ``PeftModel`` (the adapter
+    is added). The caller holds the rollback: whatever raises here is undone there.
+    """
+    kwargs = dict(rest)
+    # With every key present, PEFT can create the adapter tensors empty and assign the loaded ones
+    # instead of random-initialising weights it would overwrite. With strict=False missing keys
+    # keep their initial values, so they must be real.
+    kwargs.setdefault("low_cpu_mem_usage", strict)
+    config = copy.deepcopy(plan.config)  # PEFT adjusts the config it injects with
+    try:
+        with warnings.catch_warnings():
+            # Raised as typed errors below, or irrelevant to the caller (PEFT's notes on targets).
+            warnings.simplefilter("ignore")
+            if isinstance(target, PeftModel):
+                peft_model = target
+                peft_model.add_adapter(plan.name, config, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"])
+            else:
+                peft_model = _new_peft_model(target, config, plan.name, kwargs)
+    except Exception as exc:  # PEFT raises ValueError/TypeError/KeyError/RuntimeError for bad configs
+        base = target.get_base_model() if isinstance(target, PeftModel) else target
+        raise AdapterConfigError(
+            f"Adapter config does not fit this model in {os.fspath(plan.files.folder)!r}: {exc} — "
+            f"expected a config PEFT can apply to {type(base).__name__} (target modules that exist in "
+            f"it, valid field values) — check that this adapter was trained on this base model "
+            f"architecture, or fix the config (e.g. 'target_modules').",
+            path=plan.files.folder,
+        ) from exc
+
+    # Before any weight moves: a file key that fits nothing could otherwise land in a base weight
+    # (PEFT loads e.g. "base_model.model.fc2.weight" into the base model without a word).
+    missing, unexpected = compare(
+        plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=strict
+    )
+    if training and target is peft_model:
+        peft_model.set_requires_grad(plan.name)  # PeftModel(...) did this for the first adapter
+    if not peft_model.peft_config[plan.name].is_prompt_learning:
+        # What PeftModel.from_pretrained does for models whose state-dict keys were renamed.
+        renamed = getattr(peft_model.get_base_model(), "_checkpoint_conversion_mapping", {})
+        kwargs.setdefault("key_mapping", renamed)
+    with warnings.catch_warnings():
+        # PEFT's "Found missing adapter keys" is reported below, by name, or refused (strict).
+        warnings.filterwarnings("ignore", message="Found missing adapter keys")
+        peft_model.load_adapter(os.fspath(plan.files.folder), plan.name, is_trainable=training, **kwargs)
+    if missing or unexpected:
+        warnings.warn(
+            f"Loaded adapter {plan.name!r} from {os.fspath(plan.files.folder)!r} with strict=False: "
+            f"missing keys (left at their initial values): [{_fmt_keys(missing)}]; "
+            f"unexpected keys (ignored): [{_fmt_keys(unexpected)}].",
+            UserWarning,
+            stacklevel=4,
+        )
+    return peft_model
+
+
+def _new_peft_model(model: nn.Module, config: PeftConfig, name: str, kwargs: dict[str, Any]) -> PeftModel:
+    # The same class choice as PeftModel.from_pretrained, so task wrappers match.
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
+    return cls(
+        model,
+        config,
+        name,
+        autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True),
+        low_cpu_mem_usage=kwargs["low_cpu_mem_usage"],
+    )
 
 
 def _split_kwargs(peft_kwargs: dict[str, Any]) -> tuple[PeftConfig | None, dict[str, Any], dict[str, Any]]:
@@ -218,7 +296,7 @@ def _load(
     if config is not None and len(sources) > 1:
         raise TypeError("config= applies to a single adapter; pass one adapter path, not a mapping.")
 
-    # Every adapter is checked before the first one touches the model.
+    # Everything on disk is checked for every adapter before the first one touches the model.
     plans = [
         _plan(
             model,
@@ -226,8 +304,6 @@ def _load(
             name=name,
             training=training,
             dropout=dropout,
-            merge=merge and name == active,
-            strict=strict,
             allow_pickle=allow_pickle,
             config=config,
             hub_kwargs=hub,
@@ -236,42 +312,19 @@ def _load(
     ]
 
     with _rollback_on_error(model):
-        first, others = plans[0], plans[1:]
-        peft_model = PeftModel.from_pretrained(
-            model,
-            os.fspath(first.files.folder),
-            first.name,
-            is_trainable=training,
-            config=first.config,
-            **_load_kwargs(first, rest),
-        )
-        for plan in others:
-            _add(peft_model, plan, training=training, rest=rest)
-        if active != first.name:
+        target: nn.Module = model
+        for plan in plans:
+            target = _attach(target, plan, training=training, strict=strict, rest=rest)
+        assert isinstance(target, PeftModel)
+        peft_model = target
+        if active != peft_model.active_adapter:
             peft_model.set_adapter(active, inference_mode=not training)
         result: nn.Module = peft_model
         if merge:
+            check_mergeable(peft_model, active)
             result = peft_model.merge_and_unload()
         _set_mode(result, training=training)
     return result
-
-
-def _load_kwargs(plan: _Plan, rest: dict[str, Any]) -> dict[str, Any]:
-    kwargs = dict(rest)
-    # Validation proved every adapter tensor is in the file, so PEFT can create them empty and
-    # assign the loaded ones instead of random-initialising weights it would overwrite anyway.
-    # With missing keys (strict=False) the initialised values are what the caller gets, so keep them.
-    kwargs.setdefault("low_cpu_mem_usage", not plan.missing)
-    return kwargs
-
-
-def _add(peft_model: PeftModel, plan: _Plan, *, training: bool, rest: dict[str, Any]) -> None:
-    kwargs = _load_kwargs(plan, rest)
-    # Registering our copied config first makes load_adapter use it instead of re-reading the file.
-    peft_model.add_adapter(plan.name, plan.config, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"])
-    if training:
-        peft_model.set_requires_grad(plan.name)
-    peft_model.load_adapter(os.fspath(plan.files.folder), plan.name, is_trainable=training, **kwargs)
 
 
 def _set_mode(model: nn.Module, *, training: bool) -> None:
@@ -280,7 +333,8 @@ def _set_mode(model: nn.Module, *, training: bool) -> None:
     model.train(training)
     if not training:
         for param in model.parameters():
-            param.requires_grad_(False)
+            if param.requires_grad:  # reading is cheap; the setter is not
+                param.requires_grad_(False)
 
 
 @overload
@@ -485,8 +539,6 @@ def load_adapter(
         name=adapter_name,
         training=training,
         dropout=dropout,
-        merge=False,
-        strict=strict,
         allow_pickle=allow_pickle,
         config=config,
         hub_kwargs=hub,
@@ -494,7 +546,7 @@ def load_adapter(
     active = list(model.active_adapters)
     modes = ModeSnapshot(model)
     with _rollback_on_error(model):
-        _add(model, plan, training=training, rest=rest)
+        _attach(model, plan, training=training, strict=strict, rest=rest)
         _activate(model, active)
         # New modules take the root's mode; everything that existed gets its own flag back.
         model.train(modes.flags[0][1])
