@@ -30,9 +30,9 @@ import functools
 import threading
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, ParamSpec, TypeVar
+from typing import Literal, NamedTuple, ParamSpec, TypeGuard, TypeVar
 
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -98,8 +98,7 @@ class DropoutSite:
         return f"{self.name or '<root>'} ({self.kind}, {where}, p={self.p:g}{extra})"
 
 
-@dataclass(frozen=True)
-class _Found:
+class _Found(NamedTuple):
     """A site plus the module whose ``training`` flag gates it."""
 
     site: DropoutSite
@@ -109,15 +108,82 @@ class _Found:
 # --------------------------------------------------------------------------------------------------
 # Walking the model
 # --------------------------------------------------------------------------------------------------
+#
+# ``deterministic_lora`` walks the whole model on every entry, so the walk has to cost little next
+# to a ``model.eval(); model.train()`` round trip on a model of a thousand modules. Per module it
+# does two dictionary look-ups: what depends only on the module's class is worked out once per
+# class (``_TypeInfo``), and which attribute names can hold a rate once per set of attribute names
+# (``_rate_attributes``); only the few attributes so named are then read.
+
+# How a module's children relate to adapters; see ``_opens_adapter``.
+_Opens = Literal["", "tuner_layer", "tuner", "peft_model"]
+
+# The caches are keyed by classes and by tuples of attribute names, of which a program has few;
+# they are emptied if they ever grow past this, so that classes made on the fly cannot pile up.
+_CACHE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
-class _Node:
+class _TypeInfo:
+    """What the walk needs to know about a module class."""
+
     name: str
-    module: nn.Module
-    in_adapter: bool  # inside an adapter's own modules (not the wrapped base layer)
-    adapter: str | None  # the adapter name, when inside one adapter's entry of a ModuleDict
-    keyed_by_adapter: bool  # a ModuleDict of a tuner layer, keyed by adapter name
+    holds_adapter: bool  # a BaseTunerLayer, BaseTuner or PeftModel
+    opens: _Opens
+    dropout_like: bool  # may keep a dropout rate in ``p`` (nn.Dropout, MultiplicativeDropoutLayer)
+    attention: bool  # may read a child dropout's rate behind its own flag (GPT-2, BERT)
+    router: bool  # a PEFT ``*Router`` (Poly), which samples while training
+
+    @property
+    def tuner_layer(self) -> bool:
+        return self.opens == "tuner_layer"
+
+
+_TYPES: dict[type, _TypeInfo] = {}
+
+
+def _type_info(cls: type[nn.Module]) -> _TypeInfo:
+    info = _TYPES.get(cls)
+    if info is None:
+        opens: _Opens = ""
+        if issubclass(cls, BaseTunerLayer):
+            opens = "tuner_layer"
+        elif issubclass(cls, BaseTuner):
+            opens = "tuner"
+        elif issubclass(cls, PeftModel):
+            opens = "peft_model"
+        name = cls.__name__
+        info = _TypeInfo(
+            name=name,
+            holds_adapter=bool(opens),
+            opens=opens,
+            dropout_like=issubclass(cls, _DropoutNd) or "Dropout" in name,
+            attention="attention" in name.lower(),
+            router=name.endswith("Router") and cls.__module__.startswith("peft."),
+        )
+        if len(_TYPES) >= _CACHE_LIMIT:
+            _TYPES.clear()
+        _TYPES[cls] = info
+    return info
+
+
+_NO_NAMES: tuple[str, ...] = ()
+_RATE_ATTRIBUTES: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _rate_attributes(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Of a module's attribute names: those that may hold a functional dropout rate (public, with
+    ``drop`` in them: ``attention_dropout``, ``layerdrop``) and those that may hold an
+    ``{adapter: rate}`` dict in a tuner layer (with ``dropout`` in them), each in the given order."""
+    found = _RATE_ATTRIBUTES.get(names)
+    if found is None:
+        rates = tuple(n for n in names if not n.startswith("_") and "drop" in n.lower())
+        dicts = tuple(n for n in names if "dropout" in n)
+        found = (rates or _NO_NAMES, dicts or _NO_NAMES)
+        if len(_RATE_ATTRIBUTES) >= _CACHE_LIMIT:
+            _RATE_ATTRIBUTES.clear()
+        _RATE_ATTRIBUTES[names] = found
+    return found
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -139,136 +205,162 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _clean_name(name: str) -> str:
+    if "_orig_mod" not in name and "_wrapped_module" not in name:  # the common case, cheaply
+        return name
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_TOKENS)
 
 
-def _opens_adapter(parent: nn.Module, child_name: str, child: nn.Module) -> bool:
+def _opens_adapter(opens: _Opens, child_name: str, child: nn.Module) -> bool:
     """Whether ``parent.<child_name>`` starts a subtree that belongs to an adapter."""
-    if isinstance(parent, BaseTunerLayer):
+    if opens == "tuner_layer":
         # Everything a tuner layer holds besides the wrapped layer is the adapter's.
         return child_name != "base_layer"
-    if isinstance(parent, BaseTuner):
+    if opens == "tuner":
         # A tuner holds the base model as ``model``; X-LoRA holds a LoRA tuner. Anything else
         # (the X-LoRA classifier, a Shadow backbone) is adapter machinery.
         return not (child_name == "model" or isinstance(child, BaseTuner))
-    if isinstance(parent, PeftModel):
+    if opens == "peft_model":
         return child_name == "prompt_encoder"  # p-tuning / prefix tuning encoders
     return False
 
 
-def _walk(root: nn.Module) -> Iterator[_Node]:
-    """Every module under ``root`` once, in ``named_modules`` order.
+# One module to visit: (module, qualified name, inside an adapter's own modules -- not the wrapped
+# base layer --, the adapter name when inside one adapter's entry of a ModuleDict, whether the
+# module is a ModuleDict of a tuner layer keyed by adapter name).
+_Node = tuple[nn.Module, str, bool, str | None, bool]
 
-    Walks ``named_children`` by hand: PEFT's LoRA ``MultiheadAttention`` overrides ``named_modules``
-    to re-register its base parameters as new ``nn.Parameter`` objects, which would silently
-    detach them from an optimizer that holds the old ones.
+
+def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found], bool]:
+    """The unwrapped model, its modules, all its dropout sites (whatever their mode), and whether
+    it holds any adapter.
+
+    Visits every module once, in ``named_modules`` order, going through ``_modules`` by hand:
+    PEFT's LoRA ``MultiheadAttention`` overrides ``named_modules`` to re-register its base
+    parameters as new ``nn.Parameter`` objects, which would silently detach them from an optimizer
+    that holds the old ones.
     """
+    root = _unwrap(model)
+    modules: list[nn.Module] = []
+    found: list[_Found] = []
+    has_adapter = False
     seen: set[int] = set()
-    stack = [_Node(name="", module=root, in_adapter=False, adapter=None, keyed_by_adapter=False)]
+    stack: list[_Node] = [(root, "", False, None, False)]
     while stack:
-        node = stack.pop()
-        if id(node.module) in seen:
+        module, name, in_adapter, adapter, keyed = stack.pop()
+        if id(module) in seen:
             continue
-        seen.add(id(node.module))
-        yield node
-        parent = node.module
-        children = []
-        for child_name, child in parent.named_children():
-            opens = _opens_adapter(parent, child_name, child)
-            children.append(
-                _Node(
-                    name=f"{node.name}.{child_name}" if node.name else child_name,
-                    module=child,
-                    in_adapter=node.in_adapter or opens,
-                    # ``lora_dropout["default"]``, ``prompt_encoder["default"]``: the key is the adapter.
-                    adapter=child_name if node.keyed_by_adapter else node.adapter,
-                    keyed_by_adapter=opens and isinstance(child, nn.ModuleDict),
+        seen.add(id(module))
+        modules.append(module)
+        info = _TYPES.get(type(module)) or _type_info(type(module))
+        attrs = vars(module)
+        rates, dicts = _rate_attributes(tuple(attrs))
+        if info.holds_adapter:
+            has_adapter = True
+        if rates or info.dropout_like or info.attention or info.holds_adapter or (in_adapter and info.router):
+            found.extend(_sites_of(module, name, info, in_adapter, adapter, rates, dicts))
+
+        children = module._modules
+        if not children:
+            continue
+        prefix = f"{name}." if name else ""
+        if not info.opens and not keyed:  # the common case: children share the parent's context
+            nodes = [
+                (c, prefix + n, in_adapter, adapter, False) for n, c in children.items() if c is not None
+            ]
+        else:
+            nodes = []
+            for child_name, child in children.items():
+                if child is None:
+                    continue
+                opens = _opens_adapter(info.opens, child_name, child)
+                nodes.append(
+                    (
+                        child,
+                        prefix + child_name,
+                        in_adapter or opens,
+                        # ``lora_dropout["default"]``, ``prompt_encoder["default"]``: the key is the adapter.
+                        child_name if keyed else adapter,
+                        opens and isinstance(child, nn.ModuleDict),
+                    )
                 )
-            )
-        stack.extend(reversed(children))
+        nodes.reverse()
+        stack.extend(nodes)
+    return root, modules, found, has_adapter
 
 
-def _all_modules(model: nn.Module) -> list[nn.Module]:
-    return [node.module for node in _walk(model)]
-
-
-def _is_rate(value: object) -> bool:
+def _is_rate(value: object) -> TypeGuard[float]:
     return isinstance(value, float) and 0.0 < value <= 1.0
 
 
-def _sites_of(node: _Node) -> Iterator[_Found]:
+def _sites_of(
+    module: nn.Module,
+    raw_name: str,
+    info: _TypeInfo,
+    in_adapter: bool,
+    adapter: str | None,
+    rates: tuple[str, ...],
+    dicts: tuple[str, ...],
+) -> list[_Found]:
     """Every way ``module``'s own ``training`` flag makes a forward pass stochastic."""
-    module, name = node.module, _clean_name(node.name)
-    type_name = type(module).__name__
-    is_tuner_layer = isinstance(module, BaseTunerLayer)
-    kind: Kind = "adapter" if node.in_adapter or is_tuner_layer else "base"
+    name = _clean_name(raw_name)
+    kind: Kind = "adapter" if in_adapter or info.tuner_layer else "base"
+    sites: list[_Found] = []
 
-    def found(p: float, attribute: str, adapter: str | None = node.adapter, freezable: bool = True) -> _Found:
+    def found(p: float, attribute: str, adapter: str | None = adapter, freezable: bool = True) -> None:
         site = DropoutSite(
             name=name,
             kind=kind,
             p=p,
-            module_type=type_name,
+            module_type=info.name,
             attribute=attribute,
             adapter=adapter,
             freezable=freezable,
         )
-        return _Found(site=site, gate=module)
+        sites.append(_Found(site=site, gate=module))
 
     attrs = vars(module)
     # nn.Dropout & co., and dropout-like modules that keep their rate in ``p`` (OFT/BOFT's
     # MultiplicativeDropoutLayer checks ``self.training and self.p > 0``).
-    if (isinstance(module, _DropoutNd) or "Dropout" in type_name) and _is_rate(attrs.get("p")):
-        yield found(float(attrs["p"]), "p")
+    if info.dropout_like and _is_rate(p := attrs.get("p")):
+        found(float(p), "p")
     # Functional dropout behind the module's own flag: transformers' ``attention_dropout``,
     # ``activation_dropout``, ``layerdrop``; ``dropout`` of nn.MultiheadAttention / nn.LSTM.
-    for attr, value in attrs.items():
-        if not attr.startswith("_") and "drop" in attr.lower() and _is_rate(value):
-            yield found(float(value), attr)
+    for attr in rates:
+        if _is_rate(value := attrs[attr]):
+            found(float(value), attr)
     # Attention modules that pass ``self.dropout.p if self.training else 0.0`` to SDPA read the
     # child's rate but are gated by their own flag (GPT-2, BERT).
-    if "attention" in type_name.lower():
+    if info.attention:
         for child_name, child in module.named_children():
             if isinstance(child, _DropoutNd) and _is_rate(child.p):
-                yield found(float(child.p), f"{child_name}.p")
-    if is_tuner_layer:
-        yield from _tuner_layer_sites(module, found)
-    elif node.in_adapter and type_name.endswith("Router") and type(module).__module__.startswith("peft."):
+                found(float(child.p), f"{child_name}.p")
+    if info.tuner_layer:
+        _tuner_layer_sites(module, dicts, found)
+    elif in_adapter and info.router:
         # Poly's router draws RelaxedBernoulli routing weights while training.
-        yield found(_SAMPLING_P, "routing (RelaxedBernoulli)")
+        found(_SAMPLING_P, "routing (RelaxedBernoulli)")
+    return sites
 
 
-def _tuner_layer_sites(module: nn.Module, found: Callable[..., _Found]) -> Iterator[_Found]:
+def _tuner_layer_sites(module: nn.Module, dicts: tuple[str, ...], found: Callable[..., None]) -> None:
     attrs = vars(module)
     # LyCORIS (LoHa/LoKr): ``rank_dropout`` / ``module_dropout`` are {adapter: float} dicts checked
     # against the layer's own flag; any other tuner storing rates the same way is caught too.
-    for attr, value in attrs.items():
-        if "dropout" in attr and isinstance(value, dict):
+    for attr in dicts:
+        if isinstance(value := attrs[attr], dict):
             for adapter, rate in value.items():
                 if _is_rate(rate):
-                    yield found(float(rate), f"{attr}[{adapter!r}]", str(adapter))
+                    found(float(rate), f"{attr}[{adapter!r}]", str(adapter))
     # PVeRA samples its weights while training, and always with sample_at_inference=True.
     sample_at_inference = attrs.get("sample_at_inference")
     if isinstance(sample_at_inference, dict):
         for adapter, always in sample_at_inference.items():
-            yield found(_SAMPLING_P, f"sample_at_inference[{adapter!r}]", str(adapter), freezable=not always)
+            found(_SAMPLING_P, f"sample_at_inference[{adapter!r}]", str(adapter), freezable=not always)
     # LoRA's MonteCLoRA variant perturbs lora_A with sampled noise while the layer trains.
     sampler = module._modules.get("lora_monteclora_sampler")
     if isinstance(sampler, nn.ModuleDict):
         for adapter in sampler:
-            yield found(_SAMPLING_P, f"lora_monteclora_sampler[{adapter!r}]", str(adapter))
-
-
-def _discover(model: nn.Module) -> tuple[list[_Found], bool]:
-    """All dropout sites of ``model`` (whatever their mode), and whether it holds any adapter."""
-    root = _unwrap(model)
-    sites: list[_Found] = []
-    has_adapter = False
-    for node in _walk(root):
-        if isinstance(node.module, (BaseTunerLayer, BaseTuner, PeftModel)):
-            has_adapter = True
-        sites.extend(_sites_of(node))
-    return sites, has_adapter
+            found(_SAMPLING_P, f"lora_monteclora_sampler[{adapter!r}]", str(adapter))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,6 +393,12 @@ def _reforce(gates: Sequence[nn.Module]) -> Callable[..., None]:
     return hook
 
 
+def _reforce_self(module: nn.Module, args: object) -> None:
+    """``_reforce`` for a gate's own hook: one function shared by all gates, no closure each."""
+    if module.training:
+        module.training = False
+
+
 @dataclass
 class _Entry:
     captured: list[tuple[nn.Module, bool]]
@@ -310,7 +408,7 @@ class _Entry:
 
 
 def _enter(model: nn.Module, include_base: bool, stacklevel: int) -> _Entry:
-    found, has_adapter = _discover(model)
+    root, modules, found, has_adapter = _discover(model)
     if not has_adapter:
         warnings.warn(
             f"deterministic_lora: expected a model with PEFT adapter layers, found none in "
@@ -332,23 +430,23 @@ def _enter(model: nn.Module, include_base: bool, stacklevel: int) -> _Entry:
         )
     # The same module can gate several sites (a LoHa layer with rank and module dropout).
     gates = list({id(f.gate): f.gate for f in chosen if f.site.freezable}.values())
-    root = _unwrap(model)
     with _LOCK:
-        captured = [(module, module.training) for module in _all_modules(model)]
+        captured = [(module, module.training) for module in modules]
         for gate in gates:
             hold = _HELD.get(gate)
             if hold is None:
                 _HELD[gate] = _Hold(count=1, saved_training=gate.training)
             else:
                 hold.count += 1
-            gate.training = False
+            if gate.training is not False:
+                gate.training = False
         handles: list[RemovableHandle] = []
         if gates:
             # On each gate, for direct calls and code paths that skip the root (``generate``); on
             # the root, so that a tuner layer that reads its dropout child's flag before calling it
             # (FRoD) sees the frozen flag after a ``model.train()`` inside the block.
             handles.append(root.register_forward_pre_hook(_reforce(gates)))
-            handles.extend(gate.register_forward_pre_hook(_reforce((gate,))) for gate in gates)
+            handles.extend(gate.register_forward_pre_hook(_reforce_self) for gate in gates)
     return _Entry(captured=captured, gates=gates, handles=handles, sites=[f.site for f in chosen])
 
 
@@ -364,13 +462,16 @@ def _exit(entry: _Entry) -> None:
                 del _HELD[gate]
                 released[gate] = hold.saved_training
         for module, training in entry.captured:
-            if module in _HELD:
-                continue  # another open block still holds it frozen; that block restores it
-            # A gate gets the flag from before the first block; the captured one may be a
-            # frozen False from inside an enclosing (or concurrent) block.
-            module.training = released.pop(module, training)
-        for module, training in released.items():  # gates no longer part of the model
-            module.training = training
+            # Set only flags that changed (the setter is not free); skip modules that another
+            # open block still holds frozen (that block restores them) and released gates.
+            if module.training is not training and module not in _HELD and module not in released:
+                module.training = training
+        # A gate gets the flag from before the first block; the captured one may be a frozen
+        # False from inside an enclosing (or concurrent) block. Also covers gates no longer part
+        # of the model.
+        for module, training in released.items():
+            if module.training is not training:
+                module.training = training
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,7 +580,7 @@ def live_dropout(model: nn.Module) -> list[DropoutSite]:
         >>> live_dropout(peft_model.train())  # doctest: +SKIP
         [DropoutSite(name='base_model.model.fc1.lora_dropout.default', kind='adapter', p=0.1, ...)]
     """
-    found, _ = _discover(model)
+    _, _, found, _ = _discover(model)
     with _LOCK:
         return [f.site for f in found if not f.site.freezable or (f.gate.training and f.gate not in _HELD)]
 

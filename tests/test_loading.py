@@ -239,6 +239,11 @@ def _add_stray(t: dict[str, torch.Tensor]) -> None:
     t["base_model.model.fc2.lora_A.weight"] = torch.zeros(4, 8)
 
 
+def _base_weight(t: dict[str, torch.Tensor]) -> None:
+    # PEFT would load this straight into the base model's fc2 without a word.
+    t["base_model.model.fc2.weight"] = torch.zeros(1, 8)
+
+
 def _reshape(t: dict[str, torch.Tensor]) -> None:
     t["base_model.model.fc1.lora_A.weight"] = torch.zeros(4, 3)
 
@@ -265,6 +270,7 @@ BROKEN = [
     ("garbage header", _garbage_header, AdapterWeightsError, "not a valid safetensors file"),
     ("missing key", _edit_weights(_drop_b), AdapterWeightsError, r"missing 1 key.*fc1\.lora_B\.weight"),
     ("unexpected key", _edit_weights(_add_stray), AdapterWeightsError, r"unexpected.*fc2\.lora_A\.weight"),
+    ("base weight", _edit_weights(_base_weight), AdapterWeightsError, r"unexpected.*fc2\.weight"),
     ("wrong shape", _edit_weights(_reshape), AdapterWeightsError, r"shape.*file \[4, 3\] vs model \[4, 2\]"),
     ("nan", _edit_weights(_nan), AdapterWeightsError, r"NaN or inf.*fc1\.lora_B\.weight"),
     ("pickle only", _pickle_only, UnsafeAdapterError, "allow_pickle=True"),
