@@ -118,9 +118,10 @@ class _Found(NamedTuple):
 # How a module's children relate to adapters; see ``_opens_adapter``.
 _Opens = Literal["", "tuner_layer", "tuner", "peft_model"]
 
-# The caches are keyed by classes and by tuples of attribute names, of which a program has few;
-# they are emptied if they ever grow past this, so that classes made on the fly cannot pile up.
-_CACHE_LIMIT = 4096
+# The caches below are keyed by classes, tuples of attribute names and sites, of which a program
+# has few; each is emptied if it ever grows past this, so that classes made on the fly or models
+# come and gone cannot pile up.
+_CACHE_LIMIT = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,9 @@ class _TypeInfo:
     dropout_like: bool  # may keep a dropout rate in ``p`` (nn.Dropout, MultiplicativeDropoutLayer)
     attention: bool  # may read a child dropout's rate behind its own flag (GPT-2, BERT)
     router: bool  # a PEFT ``*Router`` (Poly), which samples while training
-
-    @property
-    def tuner_layer(self) -> bool:
-        return self.opens == "tuner_layer"
+    tuner_layer: bool
+    may_gate: bool  # dropout-like, attention or a tuner layer (the router counts only in an adapter)
+    plain_training: bool  # no class in the MRO defines ``training`` (a property, say)
 
 
 _TYPES: dict[type, _TypeInfo] = {}
@@ -153,13 +153,18 @@ def _type_info(cls: type[nn.Module]) -> _TypeInfo:
         elif issubclass(cls, PeftModel):
             opens = "peft_model"
         name = cls.__name__
+        dropout_like = issubclass(cls, _DropoutNd) or "Dropout" in name
+        attention = "attention" in name.lower()
         info = _TypeInfo(
             name=name,
             holds_adapter=bool(opens),
             opens=opens,
-            dropout_like=issubclass(cls, _DropoutNd) or "Dropout" in name,
-            attention="attention" in name.lower(),
+            dropout_like=dropout_like,
+            attention=attention,
             router=name.endswith("Router") and cls.__module__.startswith("peft."),
+            tuner_layer=opens == "tuner_layer",
+            may_gate=dropout_like or attention or opens == "tuner_layer",
+            plain_training=not any("training" in vars(c) for c in cls.__mro__),
         )
         if len(_TYPES) >= _CACHE_LIMIT:
             _TYPES.clear()
@@ -167,7 +172,26 @@ def _type_info(cls: type[nn.Module]) -> _TypeInfo:
     return info
 
 
-_NO_NAMES: tuple[str, ...] = ()
+_MODULE_SETATTR = nn.Module.__setattr__
+
+
+def _set_training(module: nn.Module, flag: bool) -> None:
+    """``module.training = flag``, without the cost of ``nn.Module.__setattr__`` where it is safe.
+
+    For a flag, ``nn.Module.__setattr__`` only makes sure no parameter, buffer or submodule has
+    the name before storing it like any attribute, yet it costs microseconds -- most of what
+    freezing and restoring the gates of a large model would take. The flag is stored directly
+    when the class does not customise ``__setattr__`` (checked on every call: dynamo's mutation
+    tracking patches it into classes it watches) and defines no ``training`` of its own. Only for
+    eager code: the forward pre-hooks, which ``torch.compile`` may trace, use the plain setter.
+    """
+    cls = type(module)
+    if cls.__setattr__ is _MODULE_SETATTR and (_TYPES.get(cls) or _type_info(cls)).plain_training:
+        module.__dict__["training"] = flag
+    else:
+        module.training = flag
+
+
 _RATE_ATTRIBUTES: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
 
@@ -179,7 +203,7 @@ def _rate_attributes(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str
     if found is None:
         rates = tuple(n for n in names if not n.startswith("_") and "drop" in n.lower())
         dicts = tuple(n for n in names if "dropout" in n)
-        found = (rates or _NO_NAMES, dicts or _NO_NAMES)
+        found = (rates, dicts)
         if len(_RATE_ATTRIBUTES) >= _CACHE_LIMIT:
             _RATE_ATTRIBUTES.clear()
         _RATE_ATTRIBUTES[names] = found
@@ -231,8 +255,8 @@ _Node = tuple[nn.Module, str, bool, str | None, bool]
 
 
 def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found], bool]:
-    """The unwrapped model, its modules, all its dropout sites (whatever their mode), and whether
-    it holds any adapter.
+    """The unwrapped model, every module of ``model`` (wrappers included), all dropout sites of the
+    unwrapped model (whatever their mode), and whether it holds any adapter.
 
     Visits every module once, in ``named_modules`` order, going through ``_modules`` by hand:
     PEFT's LoRA ``MultiheadAttention`` overrides ``named_modules`` to re-register its base
@@ -243,21 +267,26 @@ def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found
     modules: list[nn.Module] = []
     found: list[_Found] = []
     has_adapter = False
-    seen: set[int] = set()
+    seen: set[nn.Module] = set()
     stack: list[_Node] = [(root, "", False, None, False)]
     while stack:
         module, name, in_adapter, adapter, keyed = stack.pop()
-        if id(module) in seen:
+        if module in seen:
             continue
-        seen.add(id(module))
+        seen.add(module)
         modules.append(module)
         info = _TYPES.get(type(module)) or _type_info(type(module))
         attrs = vars(module)
-        rates, dicts = _rate_attributes(tuple(attrs))
+        names = tuple(attrs)
+        rates, dicts = _RATE_ATTRIBUTES.get(names) or _rate_attributes(names)
         if info.holds_adapter:
             has_adapter = True
-        if rates or info.dropout_like or info.attention or info.holds_adapter or (in_adapter and info.router):
-            found.extend(_sites_of(module, name, info, in_adapter, adapter, rates, dicts))
+        if rates or info.may_gate or (in_adapter and info.router):
+            hits = _sites_of(module, info, in_adapter, adapter, rates, dicts)
+            if hits:
+                clean = _clean_name(name)
+                kind: Kind = "adapter" if in_adapter or info.tuner_layer else "base"
+                found.extend(_Found(_site(clean, kind, info.name, *hit), module) for hit in hits)
 
         children = module._modules
         if not children:
@@ -285,6 +314,15 @@ def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found
                 )
         nodes.reverse()
         stack.extend(nodes)
+    # Wrappers (DDP, ``torch.compile``, ...) are modules of the model too: their flags are
+    # captured and restored like any other, but sites are looked for only inside them.
+    rest = [model]
+    while rest:
+        module = rest.pop()
+        if module not in seen:
+            seen.add(module)
+            modules.append(module)
+            rest.extend(child for child in module._modules.values() if child is not None)
     return root, modules, found, has_adapter
 
 
@@ -292,57 +330,45 @@ def _is_rate(value: object) -> TypeGuard[float]:
     return isinstance(value, float) and 0.0 < value <= 1.0
 
 
+# One way a module's flag gates randomness: (p, attribute, adapter, freezable).
+_Hit = tuple[float, str, str | None, bool]
+
+
 def _sites_of(
     module: nn.Module,
-    raw_name: str,
     info: _TypeInfo,
     in_adapter: bool,
     adapter: str | None,
     rates: tuple[str, ...],
     dicts: tuple[str, ...],
-) -> list[_Found]:
+) -> list[_Hit]:
     """Every way ``module``'s own ``training`` flag makes a forward pass stochastic."""
-    name = _clean_name(raw_name)
-    kind: Kind = "adapter" if in_adapter or info.tuner_layer else "base"
-    sites: list[_Found] = []
-
-    def found(p: float, attribute: str, adapter: str | None = adapter, freezable: bool = True) -> None:
-        site = DropoutSite(
-            name=name,
-            kind=kind,
-            p=p,
-            module_type=info.name,
-            attribute=attribute,
-            adapter=adapter,
-            freezable=freezable,
-        )
-        sites.append(_Found(site=site, gate=module))
-
+    hits: list[_Hit] = []
     attrs = vars(module)
     # nn.Dropout & co., and dropout-like modules that keep their rate in ``p`` (OFT/BOFT's
     # MultiplicativeDropoutLayer checks ``self.training and self.p > 0``).
     if info.dropout_like and _is_rate(p := attrs.get("p")):
-        found(float(p), "p")
+        hits.append((float(p), "p", adapter, True))
     # Functional dropout behind the module's own flag: transformers' ``attention_dropout``,
     # ``activation_dropout``, ``layerdrop``; ``dropout`` of nn.MultiheadAttention / nn.LSTM.
     for attr in rates:
         if _is_rate(value := attrs[attr]):
-            found(float(value), attr)
+            hits.append((float(value), attr, adapter, True))
     # Attention modules that pass ``self.dropout.p if self.training else 0.0`` to SDPA read the
     # child's rate but are gated by their own flag (GPT-2, BERT).
     if info.attention:
         for child_name, child in module.named_children():
             if isinstance(child, _DropoutNd) and _is_rate(child.p):
-                found(float(child.p), f"{child_name}.p")
+                hits.append((float(child.p), f"{child_name}.p", adapter, True))
     if info.tuner_layer:
-        _tuner_layer_sites(module, dicts, found)
+        _tuner_layer_sites(module, dicts, hits)
     elif in_adapter and info.router:
         # Poly's router draws RelaxedBernoulli routing weights while training.
-        found(_SAMPLING_P, "routing (RelaxedBernoulli)")
-    return sites
+        hits.append((_SAMPLING_P, "routing (RelaxedBernoulli)", adapter, True))
+    return hits
 
 
-def _tuner_layer_sites(module: nn.Module, dicts: tuple[str, ...], found: Callable[..., None]) -> None:
+def _tuner_layer_sites(module: nn.Module, dicts: tuple[str, ...], hits: list[_Hit]) -> None:
     attrs = vars(module)
     # LyCORIS (LoHa/LoKr): ``rank_dropout`` / ``module_dropout`` are {adapter: float} dicts checked
     # against the layer's own flag; any other tuner storing rates the same way is caught too.
@@ -350,17 +376,43 @@ def _tuner_layer_sites(module: nn.Module, dicts: tuple[str, ...], found: Callabl
         if isinstance(value := attrs[attr], dict):
             for adapter, rate in value.items():
                 if _is_rate(rate):
-                    found(float(rate), f"{attr}[{adapter!r}]", str(adapter))
+                    hits.append((float(rate), f"{attr}[{adapter!r}]", str(adapter), True))
     # PVeRA samples its weights while training, and always with sample_at_inference=True.
     sample_at_inference = attrs.get("sample_at_inference")
     if isinstance(sample_at_inference, dict):
         for adapter, always in sample_at_inference.items():
-            found(_SAMPLING_P, f"sample_at_inference[{adapter!r}]", str(adapter), freezable=not always)
+            hits.append((_SAMPLING_P, f"sample_at_inference[{adapter!r}]", str(adapter), not always))
     # LoRA's MonteCLoRA variant perturbs lora_A with sampled noise while the layer trains.
     sampler = module._modules.get("lora_monteclora_sampler")
     if isinstance(sampler, nn.ModuleDict):
         for adapter in sampler:
-            found(_SAMPLING_P, f"lora_monteclora_sampler[{adapter!r}]", str(adapter))
+            hits.append((_SAMPLING_P, f"lora_monteclora_sampler[{adapter!r}]", str(adapter), True))
+
+
+# Sites are immutable and the same ones are found on every entry; building one is a good part of
+# the cost of discovery, so each is built once.
+_SITES: dict[tuple[str, Kind, str, float, str, str | None, bool], DropoutSite] = {}
+
+
+def _site(
+    name: str, kind: Kind, module_type: str, p: float, attribute: str, adapter: str | None, freezable: bool
+) -> DropoutSite:
+    key = (name, kind, module_type, p, attribute, adapter, freezable)
+    site = _SITES.get(key)
+    if site is None:
+        site = DropoutSite(
+            name=name,
+            kind=kind,
+            p=p,
+            module_type=module_type,
+            attribute=attribute,
+            adapter=adapter,
+            freezable=freezable,
+        )
+        if len(_SITES) >= _CACHE_LIMIT:
+            _SITES.clear()
+        _SITES[key] = site
+    return site
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,7 +491,7 @@ def _enter(model: nn.Module, include_base: bool, stacklevel: int) -> _Entry:
             else:
                 hold.count += 1
             if gate.training is not False:
-                gate.training = False
+                _set_training(gate, False)
         handles: list[RemovableHandle] = []
         if gates:
             # On each gate, for direct calls and code paths that skip the root (``generate``); on
@@ -465,13 +517,13 @@ def _exit(entry: _Entry) -> None:
             # Set only flags that changed (the setter is not free); skip modules that another
             # open block still holds frozen (that block restores them) and released gates.
             if module.training is not training and module not in _HELD and module not in released:
-                module.training = training
+                _set_training(module, training)
         # A gate gets the flag from before the first block; the captured one may be a frozen
         # False from inside an enclosing (or concurrent) block. Also covers gates no longer part
         # of the model.
         for module, training in released.items():
             if module.training is not training:
-                module.training = training
+                _set_training(module, training)
 
 
 # --------------------------------------------------------------------------------------------------

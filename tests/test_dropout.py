@@ -822,6 +822,19 @@ def test_accepts_every_way_a_model_arrives(
     assert not all_equal(draws(lambda: run(model)))
 
 
+@pytest.mark.parametrize("wrap", [_compiled, _data_parallel], ids=["torch.compile", "DataParallel"])
+def test_wrapper_own_flag_is_restored_after_train_inside(
+    wrap: Callable[[Path], tuple[nn.Module, nn.Module]], tmp_path: Path
+) -> None:
+    model, _ = wrap(tmp_path)
+    model.eval()  # the wrapper itself too, not only the model inside it
+    before = flags(model)
+    with deterministic_lora(model):
+        model.train()  # through the wrapper: flips its own flag as well
+    assert flags(model) == before
+    assert model.training is False
+
+
 def test_names_drop_wrapper_components_anywhere() -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
