@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel, set_peft_model_state_dict
 from torch import nn
 
 from safe_lora._config import (
@@ -63,6 +63,8 @@ class _Plan:
     weights: Path
     config: PeftConfig
     header: dict[str, HeaderEntry]
+    # Read once for the NaN/inf check and handed to PEFT, so the file is not read twice.
+    tensors: dict[str, torch.Tensor]
 
 
 class _TreeSnapshot:
@@ -154,11 +156,11 @@ def _plan(
         )
     if files.weights_format == "safetensors":
         header = read_header(files.weights)
-        bad = nonfinite_keys(iter_tensors(files.weights))
+        tensors = dict(iter_tensors(files.weights))
     else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
-        state = torch.load(files.weights, map_location="cpu", weights_only=True)
-        header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in state.items()}
-        bad = nonfinite_keys(state.items())
+        tensors = torch.load(files.weights, map_location="cpu", weights_only=True)
+        header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+    bad = nonfinite_keys(tensors.items())
     if bad:
         raise AdapterWeightsError(
             f"Adapter weights hold NaN or inf in {os.fspath(files.weights)!r}: {_fmt_keys(bad)} — "
@@ -177,7 +179,9 @@ def _plan(
             BaseModelMismatchWarning,
             stacklevel=4,
         )
-    return _Plan(name=name, files=files, weights=files.weights, config=prepared, header=header)
+    return _Plan(
+        name=name, files=files, weights=files.weights, config=prepared, header=header, tensors=tensors
+    )
 
 
 def _peft_type(config: PeftConfig) -> str:
@@ -244,17 +248,12 @@ def _attach(
         renamed = getattr(peft_model.get_base_model(), "_checkpoint_conversion_mapping", {})
         kwargs.setdefault("key_mapping", renamed)
     try:
-        with warnings.catch_warnings():
-            # PEFT's "Found missing adapter keys" is reported below, by name, or refused (strict).
-            warnings.filterwarnings("ignore", message="Found missing adapter keys")
-            result = peft_model.load_adapter(
-                os.fspath(plan.files.folder), plan.name, is_trainable=training, **kwargs
-            )
+        incomplete = _load_weights(peft_model, plan, training=training, kwargs=kwargs)
     except RuntimeError:
         if fast:  # PEFT refuses shapes that do not fit: name them as the file does (raises)
             compare(plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=True)
         raise
-    if fast and (result.missing_keys or result.unexpected_keys or snapshot.tensors_replaced()):
+    if fast and (incomplete or snapshot.tensors_replaced()):
         compare(plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=True)
     if missing or unexpected:
         warnings.warn(
@@ -265,6 +264,46 @@ def _attach(
             stacklevel=4,
         )
     return peft_model
+
+
+# The keyword arguments the direct path below handles itself; any other (a device, GPU offload,
+# mismatched sizes, ...) goes through PeftModel.load_adapter, which reads the file again.
+_DIRECT_KWARGS = {"low_cpu_mem_usage", "autocast_adapter_dtype", "key_mapping"}
+
+
+def _load_weights(peft_model: PeftModel, plan: _Plan, *, training: bool, kwargs: dict[str, Any]) -> bool:
+    """Load ``plan.tensors`` into the injected adapter; True when PEFT reports keys that did not fit.
+
+    The direct path hands the tensors already read (and checked) to PEFT's own
+    ``set_peft_model_state_dict`` -- what ``load_adapter`` does after reading the file -- so the
+    file is read once. Device maps, adaption prompts and extra options take ``load_adapter``.
+    """
+    config = peft_model.peft_config[plan.name]
+    direct = (
+        set(kwargs) <= _DIRECT_KWARGS
+        and not kwargs.get("key_mapping")
+        and not config.is_adaption_prompt
+        and getattr(peft_model.get_base_model(), "hf_device_map", None) is None
+    )
+    with warnings.catch_warnings():
+        # PEFT's "Found missing adapter keys" is reported by name by the caller, or refused.
+        warnings.filterwarnings("ignore", message="Found missing adapter keys")
+        if not direct:
+            loaded = peft_model.load_adapter(
+                os.fspath(plan.files.folder), plan.name, is_trainable=training, **kwargs
+            )
+            return bool(loaded.missing_keys or loaded.unexpected_keys)
+        result: Any = set_peft_model_state_dict(
+            peft_model, plan.tensors, adapter_name=plan.name, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"]
+        )
+    tuner: Any = peft_model.base_model
+    if hasattr(tuner, "_cast_adapter_dtype"):
+        autocast = kwargs.get("autocast_adapter_dtype", True)
+        tuner._cast_adapter_dtype(plan.name, autocast_adapter_dtype=autocast)
+    # load_state_dict lists every base key as missing; only this adapter's keys matter. A false
+    # alarm (e.g. a shared tensor) only costs the exact comparison the caller then runs.
+    marker = f".{plan.name}."
+    return bool(result.unexpected_keys) or any(marker in f".{k}." for k in result.missing_keys)
 
 
 def _new_peft_model(model: nn.Module, config: PeftConfig, name: str, kwargs: dict[str, Any]) -> PeftModel:
