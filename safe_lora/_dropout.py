@@ -30,6 +30,7 @@ import functools
 import threading
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, ParamSpec, TypeGuard, TypeVar
@@ -254,18 +255,79 @@ def _opens_adapter(opens: _Opens, child_name: str, child: nn.Module) -> bool:
 _Node = tuple[nn.Module, str, bool, str | None, bool]
 
 
+# A module whose own flag may gate randomness, as the walk found it: everything ``_sites_of``
+# needs except the values it reads, which are read afresh on every entry.
+class _Candidate(NamedTuple):
+    module: nn.Module
+    name: str  # qualified, wrapper components removed
+    info: _TypeInfo
+    in_adapter: bool
+    adapter: str | None
+    rates: tuple[str, ...]
+    dicts: tuple[str, ...]
+
+
+@dataclass
+class _Walk:
+    """What one full walk of a model found; reused while the module tree is provably the same."""
+
+    root: nn.Module
+    modules: list[nn.Module]
+    # Per module: its class, how many attributes it has and its children, in order. If all of
+    # these are unchanged, the tree -- and so every name, context and candidate -- is too.
+    shape: list[tuple[nn.Module, type, int, list[nn.Module | None]]]
+    candidates: list[_Candidate]
+    has_adapter: bool
+
+    def still_valid(self, root: nn.Module) -> bool:
+        if root is not self.root:
+            return False
+        for module, cls, size, children in self.shape:
+            if type(module) is not cls or len(vars(module)) != size:
+                return False
+            if list(module._modules.values()) != children:  # modules compare by identity
+                return False
+        return True
+
+
+# Keyed weakly by the model object passed in (wrapper or not): a model that goes away takes its
+# walk with it.
+_WALKS: weakref.WeakKeyDictionary[nn.Module, _Walk] = weakref.WeakKeyDictionary()
+
+
 def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found], bool]:
     """The unwrapped model, every module of ``model`` (wrappers included), all dropout sites of the
     unwrapped model (whatever their mode), and whether it holds any adapter.
 
-    Visits every module once, in ``named_modules`` order, going through ``_modules`` by hand:
+    The full walk runs once per model; later calls check that every module still has the same
+    class, number of attributes and children (a cheap pass) and then only re-read the rates of
+    the few modules that can gate randomness -- so a rate changed from 0 to 0.5 is never missed.
+    """
+    root = _unwrap(model)
+    with _LOCK:
+        walk = _WALKS.get(model)
+    if walk is None or not walk.still_valid(root):
+        walk = _walk(model, root)
+        with _LOCK:
+            _WALKS[model] = walk
+    found: list[_Found] = []
+    for c in walk.candidates:
+        hits = _sites_of(c.module, c.info, c.in_adapter, c.adapter, c.rates, c.dicts)
+        if hits:
+            kind: Kind = "adapter" if c.in_adapter or c.info.tuner_layer else "base"
+            found.extend(_Found(_site(c.name, kind, c.info.name, *hit), c.module) for hit in hits)
+    return walk.root, walk.modules, found, walk.has_adapter
+
+
+def _walk(model: nn.Module, root: nn.Module) -> _Walk:
+    """Visit every module once, in ``named_modules`` order, going through ``_modules`` by hand:
     PEFT's LoRA ``MultiheadAttention`` overrides ``named_modules`` to re-register its base
     parameters as new ``nn.Parameter`` objects, which would silently detach them from an optimizer
     that holds the old ones.
     """
-    root = _unwrap(model)
     modules: list[nn.Module] = []
-    found: list[_Found] = []
+    shape: list[tuple[nn.Module, type, int, list[nn.Module | None]]] = []
+    candidates: list[_Candidate] = []
     has_adapter = False
     seen: set[nn.Module] = set()
     stack: list[_Node] = [(root, "", False, None, False)]
@@ -278,15 +340,12 @@ def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found
         info = _TYPES.get(type(module)) or _type_info(type(module))
         attrs = vars(module)
         names = tuple(attrs)
+        shape.append((module, type(module), len(names), list(module._modules.values())))
         rates, dicts = _RATE_ATTRIBUTES.get(names) or _rate_attributes(names)
         if info.holds_adapter:
             has_adapter = True
         if rates or info.may_gate or (in_adapter and info.router):
-            hits = _sites_of(module, info, in_adapter, adapter, rates, dicts)
-            if hits:
-                clean = _clean_name(name)
-                kind: Kind = "adapter" if in_adapter or info.tuner_layer else "base"
-                found.extend(_Found(_site(clean, kind, info.name, *hit), module) for hit in hits)
+            candidates.append(_Candidate(module, _clean_name(name), info, in_adapter, adapter, rates, dicts))
 
         children = module._modules
         if not children:
@@ -322,8 +381,9 @@ def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found
         if module not in seen:
             seen.add(module)
             modules.append(module)
+            shape.append((module, type(module), len(vars(module)), list(module._modules.values())))
             rest.extend(child for child in module._modules.values() if child is not None)
-    return root, modules, found, has_adapter
+    return _Walk(root, modules, shape, candidates, has_adapter)
 
 
 def _is_rate(value: object) -> TypeGuard[float]:
@@ -352,7 +412,7 @@ def _sites_of(
     # Functional dropout behind the module's own flag: transformers' ``attention_dropout``,
     # ``activation_dropout``, ``layerdrop``; ``dropout`` of nn.MultiheadAttention / nn.LSTM.
     for attr in rates:
-        if _is_rate(value := attrs[attr]):
+        if _is_rate(value := attrs.get(attr)):
             hits.append((float(value), attr, adapter, True))
     # Attention modules that pass ``self.dropout.p if self.training else 0.0`` to SDPA read the
     # child's rate but are gated by their own flag (GPT-2, BERT).
@@ -373,7 +433,7 @@ def _tuner_layer_sites(module: nn.Module, dicts: tuple[str, ...], hits: list[_Hi
     # LyCORIS (LoHa/LoKr): ``rank_dropout`` / ``module_dropout`` are {adapter: float} dicts checked
     # against the layer's own flag; any other tuner storing rates the same way is caught too.
     for attr in dicts:
-        if isinstance(value := attrs[attr], dict):
+        if isinstance(value := attrs.get(attr), dict):
             for adapter, rate in value.items():
                 if _is_rate(rate):
                     hits.append((float(rate), f"{attr}[{adapter!r}]", str(adapter), True))

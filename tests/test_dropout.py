@@ -985,3 +985,48 @@ def test_assert_deterministic_message_is_capped_for_big_models() -> None:
 def test_rejects_what_is_not_a_module() -> None:
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module, found dict"):
         deterministic_lora({})  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# The walk is cached per model: a changed model must never reuse a stale one
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_rate_raised_between_blocks_is_frozen() -> None:
+    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
+    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    for d in dropouts:
+        d.p = 0.0
+    with deterministic_lora(model):  # caches a walk in which no rate is live
+        pass
+    for d in dropouts:
+        d.p = 0.5
+    assert not repeatable(model)
+    with deterministic_lora(model) as frozen:
+        assert adapter_names(frozen) == PEFT_NAMES
+        assert repeatable(model)
+
+
+def test_an_adapter_added_between_blocks_is_frozen() -> None:
+    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
+    with deterministic_lora(model):
+        pass
+    model.add_adapter("second", LoraConfig(target_modules=T, lora_dropout=0.5))
+    model.base_model.set_adapter(["default", "second"])
+    perturb(model)
+    model.train()
+    assert not repeatable(model)
+    with deterministic_lora(model) as frozen:
+        assert {s.adapter for s in frozen} == {"default", "second"}
+        assert repeatable(model)
+
+
+def test_a_rate_attribute_added_between_blocks_is_seen() -> None:
+    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
+    with deterministic_lora(model, include_base=True):
+        pass
+    model.base_model.model.act.attention_dropout = 0.3  # a module that now gates dropout itself
+    names = {s.name for s in live_dropout(model) if s.kind == "base"}
+    assert names == {"base_model.model.act"}
+    with deterministic_lora(model, include_base=True):
+        assert live_dropout(model) == []
