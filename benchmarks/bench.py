@@ -1,0 +1,695 @@
+"""safe_lora next to raw PEFT, measured side by side in one process.
+
+Run ``python benchmarks/bench.py`` (about 3 minutes on an idle 2-core machine) or ``--quick`` (a
+tiny model, to check that the script works; its timings mean nothing). Every measurement alternates
+its two sides (A B, B A, A B, ...) so that drift in machine load cancels, and reports the median of the
+per-pair ratios A/B with their min-max. The exit status is 1 when a median misses its bar.
+
+Measurements, on a Llama-shaped model built from a config (no download) with a LoRA adapter
+(r=16 on every linear layer, saved with ``save_pretrained``):
+
+1. ``load_for_inference`` vs ``PeftModel.from_pretrained(...).eval()``: wall time, and the peak
+   RSS increase of the load itself (each load in a fresh spawned process).
+2. ``deterministic_lora`` enter + exit vs a ``model.eval(); model.train()`` round trip on the same
+   model, and vs the forward pass it wraps.
+3. Forward latency: ``load_for_inference(merge=True)`` vs the base model without adapter, and
+   unmerged ``load_for_inference`` vs raw PEFT in eval mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Nothing is downloaded: PEFT looks up the base model's config.json when saving.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+
+MIN_MAX = "min\u2013max"
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int = 512
+
+
+FULL_MODEL = ModelSpec(768, 2048, 12, 12, 12, 32000)  # ~134M parameters
+TINY_MODEL = ModelSpec(64, 128, 2, 4, 4, 256, 128)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelSpec
+    seq_len: int
+    load_pairs: int
+    memory_pairs: int
+    toggle_pairs: int
+    toggle_forward_pairs: int
+    forward_pairs: int
+    forward_warmup: int
+    best_of: int  # each side of a timing pair is the best of this many interleaved runs
+
+
+FULL = Settings(
+    FULL_MODEL,
+    seq_len=128,
+    load_pairs=15,
+    memory_pairs=3,
+    toggle_pairs=30,
+    toggle_forward_pairs=15,
+    forward_pairs=20,
+    forward_warmup=3,
+    best_of=3,
+)
+QUICK = Settings(
+    TINY_MODEL,
+    seq_len=16,
+    load_pairs=3,
+    memory_pairs=1,
+    toggle_pairs=5,
+    toggle_forward_pairs=3,
+    forward_pairs=5,
+    forward_warmup=1,
+    best_of=1,
+)
+
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+SEED = 0
+
+
+def _quiet() -> None:
+    # transformers' own deprecation noise (is_gradient_checkpointing) on every PEFT wrap.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def build_base(spec: ModelSpec) -> nn.Module:
+    """The base model, from a config, with fixed weights; in eval mode as ``from_pretrained`` gives it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    model: nn.Module = LlamaForCausalLM(LlamaConfig(**asdict(spec)))
+    return model.eval()
+
+
+def save_adapter(base: nn.Module, folder: Path) -> Path:
+    """A LoRA adapter with non-zero weights (so merging changes the weights), saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(SEED + 1)
+    config = LoraConfig(init_lora_weights=False, **LORA)  # type: ignore[arg-type]
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    peft_model.save_pretrained(os.fspath(folder))
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One A-vs-B measurement: the per-pair ratios A/B and the bar the median must meet."""
+
+    name: str
+    a: str
+    b: str
+    unit: str
+    bar: float | None  # None: shown for information, no bar
+    a_values: list[float] = field(default_factory=list)
+    b_values: list[float] = field(default_factory=list)
+    note: str = ""
+    best_of: int = 1
+
+    @property
+    def ratios(self) -> list[float]:
+        return [a / b for a, b in zip(self.a_values, self.b_values, strict=True) if b > 0]
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.ratios) if self.ratios else None
+
+    @property
+    def ok(self) -> bool | None:
+        """``None`` for information rows, and when B measured 0 (a tiny --quick model's RSS delta)."""
+        if self.bar is None:
+            return None
+        if not self.a_values:
+            return False  # not measured at all (e.g. deterministic_lora missing): not proven
+        median = self.median
+        return None if median is None else median <= self.bar
+
+    def to_json(self) -> dict[str, Any]:
+        ratios = self.ratios
+        return {
+            "name": self.name,
+            "a": self.a,
+            "b": self.b,
+            "unit": self.unit,
+            "bar": self.bar,
+            "ratio_median": self.median,
+            "ratio_min": min(ratios) if ratios else None,
+            "ratio_max": max(ratios) if ratios else None,
+            "ok": self.ok,
+            "a_median": statistics.median(self.a_values) if self.a_values else None,
+            "b_median": statistics.median(self.b_values) if self.b_values else None,
+            "a_values": self.a_values,
+            "b_values": self.b_values,
+            "best_of": self.best_of,
+            "note": self.note,
+        }
+
+
+def _fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if value < 0.1 else f"{value:.2f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        f"| measurement | ratio median | {MIN_MAX} | bar | ok |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratios = row.ratios
+        spread = f"{_fmt_ratio(min(ratios))}\u2013{_fmt_ratio(max(ratios))}" if ratios else "n/a"
+        bar = "info" if row.bar is None else f"<= {row.bar:g}"
+        ok = "-" if row.ok is None else ("yes" if row.ok else "**NO**")
+        lines.append(f"| {row.name} | {_fmt_ratio(row.median)} | {spread} | {bar} | {ok} |")
+    return "\n".join(lines)
+
+
+def details(rows: list[Row]) -> str:
+    lines = []
+    for row in rows:
+        if not row.a_values:
+            lines.append(f"- {row.name}: {row.note or 'not measured'}")
+            continue
+        a, b = statistics.median(row.a_values), statistics.median(row.b_values)
+        text = f"- {row.name}: A = {row.a}: {_fmt_abs(a, row.unit)}; B = {row.b}: {_fmt_abs(b, row.unit)}"
+        each = f", each side best of {row.best_of}" if row.best_of > 1 else ""
+        text += f" (medians of {len(row.a_values)} pairs{each})"
+        if row.note:
+            text += f"; {row.note}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def _fmt_abs(value: float, unit: str) -> str:
+    if unit == "s":
+        return f"{value * 1e3:.3f} ms" if value < 1 else f"{value:.3f} s"
+    if unit == "bytes":
+        return f"{value / 2**20:.1f} MiB"
+    return f"{value:g} {unit}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _no_gc(*, collect: bool = False) -> Iterator[None]:
+    """Keep the collector out of the timed region (as timeit does); ``collect`` first if asked.
+
+    A full collection costs tens of milliseconds with several 100M-parameter models alive, so only
+    the loads (which leave a whole model of garbage behind) collect before each run.
+    """
+    if collect:
+        gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def alternate(
+    pairs: int,
+    a: Callable[[], float],
+    b: Callable[[], float],
+    row: Row,
+    *,
+    warmup: int = 1,
+    best_of: int = 1,
+) -> Row:
+    """Run ``a`` and ``b`` alternately (A B, B A, A B, ...); each call returns one measurement.
+
+    With ``best_of=k`` each side of a pair is the minimum of ``k`` interleaved runs: a busy machine
+    only ever adds time, so the minimum is the least disturbed estimate of the code's own cost.
+    """
+    row.best_of = best_of
+    for _ in range(warmup):
+        a()
+        b()
+    flip = False
+    for _ in range(pairs):
+        runs_a: list[float] = []
+        runs_b: list[float] = []
+        for _ in range(best_of):
+            if flip:
+                runs_b.append(b())
+                runs_a.append(a())
+            else:
+                runs_a.append(a())
+                runs_b.append(b())
+            flip = not flip
+        row.a_values.append(min(runs_a))
+        row.b_values.append(min(runs_b))
+    return row
+
+
+def _load_safe(model: nn.Module, adapter: Path) -> nn.Module:
+    from safe_lora import load_for_inference
+
+    return load_for_inference(model, adapter)
+
+
+def _load_raw(model: nn.Module, adapter: Path) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, os.fspath(adapter)).eval()
+
+
+LOADERS: dict[str, Callable[[nn.Module, Path], nn.Module]] = {"safe": _load_safe, "raw": _load_raw}
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Loading: time and peak memory
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_load_time(base: nn.Module, adapter: Path, pairs: int) -> Row:
+    row = Row(
+        "load: load_for_inference / PeftModel.from_pretrained().eval() (time)",
+        "load_for_inference",
+        "PeftModel.from_pretrained(...).eval()",
+        "s",
+        1.10,
+    )
+
+    def timed(kind: str) -> Callable[[], float]:
+        def run() -> float:
+            model = copy.deepcopy(base)  # a fresh base model each time, outside the timed region
+            with _no_gc(collect=True):
+                start = time.perf_counter()
+                result = LOADERS[kind](model, adapter)
+                elapsed = time.perf_counter() - start
+            del result, model
+            return elapsed
+
+        return run
+
+    return alternate(pairs, timed("safe"), timed("raw"), row)
+
+
+def _proc_status(field_name: str) -> int | None:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0) so that the next peak is the load's own."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def memory_child(
+    kind: str, spec: dict[str, Any], adapter: str, warm_spec: dict[str, Any], warm_adapter: str, threads: int
+) -> dict[str, Any]:
+    """In a fresh process: warm up both loaders on a tiny model, build the base, measure one load."""
+    _quiet()
+    torch.set_num_threads(threads)
+    # Both code paths once on a tiny model, so that lazy imports and first-call caches are
+    # paid before the measurement, identically in the "safe" and the "raw" process.
+    tiny = build_base(ModelSpec(**warm_spec))
+    for loader in LOADERS.values():
+        loader(copy.deepcopy(tiny), Path(warm_adapter))
+    del tiny
+    base = build_base(ModelSpec(**spec))
+    gc.collect()
+    reset = _reset_peak()
+    before = _proc_status("VmRSS")
+    maxrss_before = _maxrss_bytes()
+    loaded = LOADERS[kind](base, Path(adapter))
+    peak = _proc_status("VmHWM")
+    after = _proc_status("VmRSS")
+    maxrss_after = _maxrss_bytes()
+    del loaded
+    if reset and before is not None and peak is not None and after is not None:
+        return {"peak_delta": peak - before, "rss_delta": after - before, "method": "VmHWM after clear_refs"}
+    # Without a resettable high-water mark, the build of the base may hold the peak; the delta is
+    # then a lower bound.
+    return {"peak_delta": max(0, maxrss_after - maxrss_before), "rss_delta": None, "method": "ru_maxrss"}
+
+
+def bench_load_memory(spec: ModelSpec, adapter: Path, warm_adapter: Path, pairs: int, threads: int) -> Row:
+    row = Row(
+        "load: load_for_inference / PeftModel.from_pretrained().eval() (peak RSS increase)",
+        "load_for_inference",
+        "PeftModel.from_pretrained(...).eval()",
+        "bytes",
+        1.05,
+    )
+    context = multiprocessing.get_context("spawn")
+    methods: set[str] = set()
+
+    def measured(kind: str) -> Callable[[], float]:
+        def run() -> float:
+            with context.Pool(1) as pool:
+                args = (kind, asdict(spec), os.fspath(adapter), asdict(TINY_MODEL), os.fspath(warm_adapter))
+                result = pool.apply(memory_child, (*args, threads))
+            methods.add(str(result["method"]))
+            return float(result["peak_delta"])
+
+        return run
+
+    alternate(pairs, measured("safe"), measured("raw"), row, warmup=0)
+    row.note = "each load in a fresh spawned process; peak from " + ", ".join(sorted(methods))
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. deterministic_lora
+# --------------------------------------------------------------------------------------------------
+
+
+def _deterministic_lora() -> Any:
+    """The context manager, imported lazily: it may not be exported (or written) yet."""
+    for module in ("safe_lora", "safe_lora._dropout"):
+        try:
+            found = getattr(importlib.import_module(module), "deterministic_lora", None)
+        except ImportError:
+            found = None
+        if found is not None:
+            return found
+    return None
+
+
+def bench_toggle(base: nn.Module, adapter: Path, tokens: torch.Tensor, settings: Settings) -> tuple[Row, Row]:
+    vs_round_trip = Row(
+        "deterministic_lora: enter+exit / model.eval(); model.train()",
+        "deterministic_lora enter+exit",
+        "model.eval(); model.train()",
+        "s",
+        0.5,
+    )
+    vs_forward = Row(
+        "deterministic_lora: enter+exit / one forward pass",
+        "deterministic_lora enter+exit",
+        "the forward pass inside the block",
+        "s",
+        0.01,
+    )
+    deterministic_lora = _deterministic_lora()
+    if deterministic_lora is None:
+        note = "safe_lora has no deterministic_lora yet (safe_lora._dropout missing)"
+        vs_round_trip.note = vs_forward.note = note
+        return vs_round_trip, vs_forward
+
+    from safe_lora import load_for_training
+
+    # A model as a training loop has it: every module in train mode, adapter dropout live.
+    model = load_for_training(copy.deepcopy(base), adapter)
+
+    def toggle() -> float:
+        with _no_gc():
+            start = time.perf_counter()
+            with deterministic_lora(model):
+                pass
+            return time.perf_counter() - start
+
+    def round_trip() -> float:
+        with _no_gc():
+            start = time.perf_counter()
+            model.eval()
+            model.train()
+            return time.perf_counter() - start
+
+    alternate(
+        settings.toggle_pairs, toggle, round_trip, vs_round_trip, warmup=3, best_of=2 * settings.best_of
+    )
+
+    # A validation step: the block around one no-grad forward pass; enter+exit vs the pass itself.
+    with torch.no_grad():
+        for rep in range(settings.forward_warmup + settings.toggle_forward_pairs):
+            block = deterministic_lora(model)
+            with _no_gc():
+                t0 = time.perf_counter()
+                block.__enter__()
+                t1 = time.perf_counter()
+                model(tokens)
+                t2 = time.perf_counter()
+                block.__exit__(None, None, None)
+                t3 = time.perf_counter()
+            if rep >= settings.forward_warmup:
+                vs_forward.a_values.append((t1 - t0) + (t3 - t2))
+                vs_forward.b_values.append(t2 - t1)
+    vs_forward.note = f"no-grad forward of batch 1 x {tokens.shape[-1]} tokens"
+    return vs_round_trip, vs_forward
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Forward latency
+# --------------------------------------------------------------------------------------------------
+
+
+def _forward_timer(model: nn.Module, tokens: torch.Tensor) -> Callable[[], float]:
+    def run() -> float:
+        with _no_gc(), torch.inference_mode():
+            start = time.perf_counter()
+            model(tokens)
+            return time.perf_counter() - start
+
+    return run
+
+
+def bench_forward(base: nn.Module, adapter: Path, tokens: torch.Tensor, settings: Settings) -> list[Row]:
+    from safe_lora import load_for_inference
+
+    plain = copy.deepcopy(base).eval()
+    merged = load_for_inference(copy.deepcopy(base), adapter, merge=True)
+    unmerged = load_for_inference(copy.deepcopy(base), adapter)
+    raw = _load_raw(copy.deepcopy(base), adapter)
+    n, warm, best = settings.forward_pairs, settings.forward_warmup, settings.best_of
+    note = f"batch 1 x {tokens.shape[-1]} tokens, inference_mode"
+    rows = [
+        Row(
+            "forward: load_for_inference(merge=True) / base model without adapter",
+            "merged",
+            "base model",
+            "s",
+            1.03,
+            note=note,
+        ),
+        Row(
+            "forward: load_for_inference / raw PEFT in eval (both unmerged)",
+            "load_for_inference (unmerged)",
+            "PeftModel.from_pretrained(...).eval()",
+            "s",
+            1.03,
+            note=note,
+        ),
+        Row(
+            "forward: unmerged / merged (why merge=True is the fast path)",
+            "load_for_inference (unmerged)",
+            "load_for_inference(merge=True)",
+            "s",
+            None,
+            note=note,
+        ),
+    ]
+    alternate(
+        n, _forward_timer(merged, tokens), _forward_timer(plain, tokens), rows[0], warmup=warm, best_of=best
+    )
+    alternate(
+        n, _forward_timer(unmerged, tokens), _forward_timer(raw, tokens), rows[1], warmup=warm, best_of=best
+    )
+    alternate(
+        n,
+        _forward_timer(unmerged, tokens),
+        _forward_timer(merged, tokens),
+        rows[2],
+        warmup=warm,
+        best_of=best,
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def run(settings: Settings, threads: int, log: Callable[[str], None]) -> tuple[list[Row], dict[str, Any]]:
+    torch.set_num_threads(threads)
+    load_start = _load_average()
+    with tempfile.TemporaryDirectory(prefix="safe_lora_bench_") as tmp:
+        start = time.perf_counter()
+        base = build_base(settings.model)
+        adapter = save_adapter(base, Path(tmp) / "adapter")
+        warm_adapter = save_adapter(build_base(TINY_MODEL), Path(tmp) / "warm")
+        n_params = sum(p.numel() for p in base.parameters())
+        n_adapter = sum(p.numel() for p in _load_raw(copy.deepcopy(base), adapter).parameters()) - n_params
+        generator = torch.Generator().manual_seed(SEED)
+        tokens = torch.randint(0, settings.model.vocab_size, (1, settings.seq_len), generator=generator)
+        log(f"model: {n_params / 1e6:.1f}M parameters, adapter {n_adapter / 1e6:.2f}M; setup {_since(start)}")
+
+        rows: list[Row] = []
+        rows.append(bench_load_time(base, adapter, settings.load_pairs))
+        log(f"1. load time done ({_since(start)})")
+        rows.append(bench_load_memory(settings.model, adapter, warm_adapter, settings.memory_pairs, threads))
+        log(f"1. load memory done ({_since(start)})")
+        rows.extend(bench_toggle(base, adapter, tokens, settings))
+        log(f"2. deterministic_lora done ({_since(start)})")
+        rows.extend(bench_forward(base, adapter, tokens, settings))
+        log(f"3. forward done ({_since(start)})")
+
+    meta = {
+        "model": asdict(settings.model),
+        "parameters": n_params,
+        "adapter_parameters": n_adapter,
+        "lora": LORA,
+        "settings": asdict(settings),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "safe_lora": _version("safe_lora"),
+        "source": _source_state(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "seconds": time.perf_counter() - start,
+        # Other work on the machine shows up as noise in every ratio; the pairs are alternated to
+        # cancel drift, but a busy machine still widens the min-max.
+        "load_average_start": load_start,
+        "load_average_end": _load_average(),
+    }
+    return rows, meta
+
+
+def _load_average() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _since(start: float) -> str:
+    return f"{time.perf_counter() - start:.0f}s"
+
+
+def _source_state() -> str:
+    """The commit measured, and whether safe_lora/ had uncommitted changes (read-only git calls)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=root, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "safe_lora")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{commit} + uncommitted changes in safe_lora/" if dirty else commit
+
+
+def _version(module: str) -> str:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a tiny model and few repetitions (seconds)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default 2; 1 with --quick, to cut noise)"
+    )
+    args = parser.parse_args(argv)
+    _quiet()
+
+    settings = QUICK if args.quick else FULL
+    threads = args.threads or (1 if args.quick else 2)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows, meta = run(settings, threads, log)
+    print(table(rows))
+    print()
+    print(details(rows))
+    print()
+    print(
+        f"{meta['parameters'] / 1e6:.1f}M-parameter Llama, LoRA r={LORA['r']} on all linear layers; "
+        f"torch {meta['torch']}, peft {meta['peft']}, transformers {meta['transformers']}, "
+        f"{threads} threads on {meta['machine']}; safe_lora at {meta['source']}; "
+        f"{meta['seconds']:.0f}s, load average "
+        f"{meta['load_average_start']} at start, {meta['load_average_end']} at end"
+        + (" (--quick: timings not meaningful)" if args.quick else "")
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
+    missed = [row for row in rows if row.ok is False]
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
