@@ -11,6 +11,7 @@ import copy
 import os
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -34,19 +35,12 @@ class HeaderEntry:
     shape: Shape
 
 
-def read_header(path: Path) -> dict[str, HeaderEntry]:
-    """Keys, dtypes and shapes of a safetensors file, from its header only (no tensor is read).
-
-    Raises:
-        AdapterWeightsError: The file is not readable safetensors (truncated, garbage header, ...).
-    """
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """``safe_open`` with every way a file can be unreadable turned into one typed error."""
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
-            entries = {}
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                view = handle.get_slice(key)
-                entries[key] = HeaderEntry(str(view.get_dtype()), tuple(view.get_shape()))
-            return entries
+            yield handle
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterWeightsError(
             f"Adapter weights unreadable: {os.fspath(path)!r} is not a valid safetensors file ({exc}) — "
@@ -55,18 +49,29 @@ def read_header(path: Path) -> dict[str, HeaderEntry]:
         ) from exc
 
 
+def read_header(path: Path) -> dict[str, HeaderEntry]:
+    """Keys, dtypes and shapes of a safetensors file, from its header only (no tensor is read).
+
+    Raises:
+        AdapterWeightsError: The file is not readable safetensors (truncated, garbage header, ...).
+    """
+    with _opened(path) as handle:
+        entries = {}
+        for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+            view = handle.get_slice(key)
+            entries[key] = HeaderEntry(str(view.get_dtype()), tuple(view.get_shape()))
+        return entries
+
+
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the tensors of a safetensors file one at a time (memory-mapped, one tensor alive at once)."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield key, handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterWeightsError(
-            f"Adapter weights unreadable: {os.fspath(path)!r} could not be read ({exc}) — "
-            f"re-save or re-download the adapter.",
-            path=path,
-        ) from exc
+    """Yield the tensors of a safetensors file one at a time (memory-mapped, one tensor alive at once).
+
+    Raises:
+        AdapterWeightsError: The file is not readable safetensors.
+    """
+    with _opened(path) as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+            yield key, handle.get_tensor(key)
 
 
 def nonfinite_keys(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
