@@ -248,7 +248,7 @@ def _attach(
         renamed = getattr(peft_model.get_base_model(), "_checkpoint_conversion_mapping", {})
         kwargs.setdefault("key_mapping", renamed)
     try:
-        incomplete = _load_weights(peft_model, plan, training=training, kwargs=kwargs)
+        incomplete = _load_weights(peft_model, plan, training=training, kwargs=kwargs, skip=unexpected)
     except RuntimeError:
         if fast:  # PEFT refuses shapes that do not fit: name them as the file does (raises)
             compare(plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=True)
@@ -271,12 +271,16 @@ def _attach(
 _DIRECT_KWARGS = {"low_cpu_mem_usage", "autocast_adapter_dtype", "key_mapping"}
 
 
-def _load_weights(peft_model: PeftModel, plan: _Plan, *, training: bool, kwargs: dict[str, Any]) -> bool:
+def _load_weights(
+    peft_model: PeftModel, plan: _Plan, *, training: bool, kwargs: dict[str, Any], skip: list[str]
+) -> bool:
     """Load ``plan.tensors`` into the injected adapter; True when PEFT reports keys that did not fit.
 
     The direct path hands the tensors already read (and checked) to PEFT's own
     ``set_peft_model_state_dict`` -- what ``load_adapter`` does after reading the file -- so the
-    file is read once. Device maps, adaption prompts and extra options take ``load_adapter``.
+    file is read once, and ``skip`` (keys found unexpected with strict=False) is really left out
+    rather than loaded wherever PEFT would put it. Device maps, adaption prompts and extra
+    options take ``load_adapter``.
     """
     config = peft_model.peft_config[plan.name]
     direct = (
@@ -293,8 +297,9 @@ def _load_weights(peft_model: PeftModel, plan: _Plan, *, training: bool, kwargs:
                 os.fspath(plan.files.folder), plan.name, is_trainable=training, **kwargs
             )
             return bool(loaded.missing_keys or loaded.unexpected_keys)
+        tensors = {k: v for k, v in plan.tensors.items() if k not in skip} if skip else plan.tensors
         result: Any = set_peft_model_state_dict(
-            peft_model, plan.tensors, adapter_name=plan.name, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"]
+            peft_model, tensors, adapter_name=plan.name, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"]
         )
     tuner: Any = peft_model.base_model
     if hasattr(tuner, "_cast_adapter_dtype"):

@@ -335,6 +335,15 @@ def test_strict_false_warns_naming_keys_and_loads(
     assert not any(m.training for m in model.modules())
 
 
+def test_strict_false_really_ignores_a_key_that_would_hit_a_base_weight(mlp_adapter: Path) -> None:
+    _edit_weights(_base_weight)(mlp_adapter)
+    model = make_mlp()
+    fc2 = model.fc2.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"unexpected keys \(ignored\).*fc2\.weight"):
+        loaded = load_for_inference(model, mlp_adapter, strict=False)
+    assert torch.equal(loaded.base_model.model.fc2.weight, fc2)
+
+
 def test_failure_inside_peft_rolls_back(mlp_adapter: Path) -> None:
     """A failure after injection (here: PEFT cannot place weights on a bogus device) is undone."""
     model = make_mlp()
