@@ -1,10 +1,11 @@
-"""The load functions: resolve -> config copy -> read header -> inject -> validate -> load -> set mode.
+"""The load functions: resolve -> config copy -> read and check the file -> inject -> load -> prove
+the fit -> set mode.
 
-What can be checked on disk (folder, config, safetensors header, pickle) is checked for every
-adapter before the caller's model is touched. The rest (targets that match nothing, keys and
-shapes against the injected adapter, NaN/inf, mergeability) runs under a snapshot of the module
-tree, taken by reference, so that any failure -- ours, PEFT's, or a KeyboardInterrupt -- leaves
-the caller's model exactly as it was, without a second copy of any weights.
+What can be checked on disk (folder, config, pickle, safetensors header, NaN/inf) is checked for
+every adapter before the caller's model is touched. The rest (targets that match nothing, keys
+and shapes against the injected adapter, mergeability) runs under a snapshot of the module tree,
+taken by reference, so that any failure -- ours, PEFT's, or a KeyboardInterrupt -- leaves the
+caller's model exactly as it was, without a second copy of any weights.
 """
 
 from __future__ import annotations
