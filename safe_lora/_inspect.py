@@ -28,13 +28,14 @@ from peft.utils.other import get_pattern_key
 from safe_lora._config import (
     PICKLE_NAME,
     SAFETENSORS_NAME,
+    AdapterFiles,
     WeightsFormat,
     dropout_rates,
     find_files,
     read_config,
     resolve_adapter,
 )
-from safe_lora._validate import HeaderEntry, iter_tensors, nonfinite_keys, read_header
+from safe_lora._validate import HeaderEntry, check_finite, iter_tensors, read_header
 from safe_lora.errors import AdapterConfigError, AdapterWeightsError, _fmt_keys
 
 __all__ = ["AdapterReport", "Finding", "WeightFile", "inspect_adapter"]
@@ -262,7 +263,7 @@ def inspect_adapter(
     hub = {"subfolder": subfolder, "revision": revision, "cache_dir": cache_dir}
     folder = resolve_adapter(adapter, **{k: v for k, v in hub.items() if v is not None})
     # allow_pickle=True: a pickle-only folder is reported as a finding here, not raised.
-    find_files(folder, allow_pickle=True)
+    files = find_files(folder, allow_pickle=True)
     findings: list[Finding] = []
     fields: dict[str, Any] = {}
 
@@ -276,11 +277,12 @@ def inspect_adapter(
         fields.update(_config_fields(config))
         findings.extend(_config_findings(config, fields))
 
-    weight_files, weights_format, file_findings = _weight_files(folder, allow_pickle=allow_pickle)
+    weights_format = files.weights_format
+    weight_files, file_findings = _weight_files(files, allow_pickle=allow_pickle)
     findings.extend(file_findings)
 
-    if weights_format == "safetensors":
-        path = folder / SAFETENSORS_NAME
+    if files.weights is not None and weights_format == "safetensors":
+        path = files.weights
         try:
             header = read_header(path)
         except AdapterWeightsError as exc:
@@ -363,36 +365,39 @@ def _config_findings(config: PeftConfig, fields: dict[str, Any]) -> list[Finding
 # --------------------------------------------------------------------------------------------------
 
 
-def _weight_files(
-    folder: Path, *, allow_pickle: bool
-) -> tuple[list[WeightFile], WeightsFormat | None, list[Finding]]:
-    safetensors, pickle = folder / SAFETENSORS_NAME, folder / PICKLE_NAME
-    files = []
-    if safetensors.is_file():
-        files.append(WeightFile(SAFETENSORS_NAME, "safetensors", safetensors.stat().st_size))
-    if pickle.is_file():
-        files.append(WeightFile(PICKLE_NAME, "pickle", pickle.stat().st_size))
-    has_safetensors, has_pickle = safetensors.is_file(), pickle.is_file()
+def _weight_files(files: AdapterFiles, *, allow_pickle: bool) -> tuple[list[WeightFile], list[Finding]]:
+    """The weight files of the folder with their sizes, and what their layout means for loading.
 
-    if has_safetensors and has_pickle:
+    Which file the loaders would pick is ``find_files``'s answer; this only describes it.
+    """
+    layout: tuple[tuple[str, WeightsFormat], ...] = (
+        (SAFETENSORS_NAME, "safetensors"),
+        (PICKLE_NAME, "pickle"),
+    )
+    present = [
+        WeightFile(name, fmt, (files.folder / name).stat().st_size)
+        for name, fmt in layout
+        if (files.folder / name).is_file()
+    ]
+    pickle = next((f for f in present if f.format == "pickle"), None)
+    if files.weights_format == "safetensors":
+        if pickle is None:
+            return present, []
         finding = Finding(
             "warning",
             "pickle-present",
-            f"Pickle file present: {PICKLE_NAME} ({pickle.stat().st_size} bytes) sits next to "
+            f"Pickle file present: {PICKLE_NAME} ({pickle.size_bytes} bytes) sits next to "
             f"{SAFETENSORS_NAME}. safe_lora loads the safetensors file and never unpickles, and this "
             f"report did not open the pickle — but a tool that prefers .bin files would run whatever "
             f"code it holds — delete it unless you trust its source.",
         )
-        return files, "safetensors", [finding]
-    if has_safetensors:
-        return files, "safetensors", []
-    if has_pickle:
-        size = pickle.stat().st_size
+        return present, [finding]
+    if pickle is not None:
         if allow_pickle:
             finding = Finding(
                 "warning",
                 "pickle-only",
-                f"Pickle weights only: {PICKLE_NAME} ({size} bytes) and no {SAFETENSORS_NAME}. "
+                f"Pickle weights only: {PICKLE_NAME} ({pickle.size_bytes} bytes) and no {SAFETENSORS_NAME}. "
                 f"With allow_pickle=True it is loaded with torch.load(weights_only=True); its contents "
                 f"were not inspected (unpickling can run code) — prefer a safetensors copy.",
             )
@@ -401,19 +406,20 @@ def _weight_files(
                 "error",
                 "pickle-only",
                 f"Pickle weights only: expected {SAFETENSORS_NAME}, found only {PICKLE_NAME} "
-                f"({size} bytes), which safe_lora refuses because unpickling can run arbitrary code "
-                f"(its contents were not inspected) — ask for a safetensors copy, re-save it with "
-                f"save_pretrained(safe_serialization=True), or pass allow_pickle=True (--allow-pickle) "
-                f"if you trust its source.",
+                f"({pickle.size_bytes} bytes), which safe_lora refuses because unpickling can run "
+                f"arbitrary code (its contents were not inspected) — ask for a safetensors copy, "
+                f"re-save it with save_pretrained(safe_serialization=True), or pass allow_pickle=True "
+                f"(--allow-pickle) if you trust its source.",
             )
-        return files, "pickle", [finding]
+        return present, [finding]
     finding = Finding(
         "error",
         "weights-missing",
-        f"Adapter weights missing: expected {SAFETENSORS_NAME} in {os.fspath(folder)!r}, found neither it "
-        f"nor {PICKLE_NAME} — re-save the adapter with save_pretrained, or copy its weights file too.",
+        f"Adapter weights missing: expected {SAFETENSORS_NAME} in {os.fspath(files.folder)!r}, found "
+        f"neither it nor {PICKLE_NAME} — re-save the adapter with save_pretrained, or copy its weights "
+        f"file too.",
     )
-    return files, None, [finding]
+    return present, [finding]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,20 +463,10 @@ def _header_findings(
     findings = [] if config is None else _key_findings(header, config, where)
     if check_values:
         try:
-            bad = nonfinite_keys(iter_tensors(path))
-        except AdapterWeightsError as exc:
-            findings.append(Finding("error", "weights-corrupt", str(exc)))
-        else:
-            if bad:
-                findings.append(
-                    Finding(
-                        "error",
-                        "nonfinite",
-                        f"Adapter weights hold NaN or inf in {where!r}: {_fmt_keys(bad)} — expected "
-                        f"finite values — the training diverged; use an earlier checkpoint.",
-                        tuple(bad),
-                    )
-                )
+            check_finite(path, iter_tensors(path))
+        except AdapterWeightsError as exc:  # the loaders' own verdict and message
+            code = "nonfinite" if exc.nonfinite_keys else "weights-corrupt"
+            findings.append(Finding("error", code, str(exc), tuple(exc.nonfinite_keys)))
     return findings
 
 

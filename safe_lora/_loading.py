@@ -34,18 +34,17 @@ from safe_lora._config import (
 from safe_lora._modes import ModeSnapshot
 from safe_lora._validate import (
     HeaderEntry,
+    check_finite,
     check_mergeable,
     compare,
     expected_keys,
     iter_tensors,
-    nonfinite_keys,
     read_header,
 )
 from safe_lora.errors import (
     AdapterConfigError,
     AdapterExistsError,
     AdapterNotFoundError,
-    AdapterWeightsError,
     BaseModelMismatchWarning,
     UnknownAdapterError,
     _fmt_keys,
@@ -161,14 +160,7 @@ def _plan(
     else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
         tensors = torch.load(files.weights, map_location="cpu", weights_only=True)
         header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
-    bad = nonfinite_keys(tensors.items())
-    if bad:
-        raise AdapterWeightsError(
-            f"Adapter weights hold NaN or inf in {os.fspath(files.weights)!r}: {_fmt_keys(bad)} — "
-            f"expected finite values — the adapter's training diverged; use an earlier checkpoint.",
-            path=files.weights,
-            nonfinite_keys=bad,
-        )
+    check_finite(files.weights, tensors.items())
 
     trained_on = getattr(prepared, "base_model_name_or_path", None) or ""
     loading_into = _name_or_path(model)

@@ -90,6 +90,22 @@ def nonfinite_keys(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return sorted(k for k, t in floats if not bool(torch.isfinite(t).all()))
 
 
+def check_finite(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise if any floating-point tensor holds NaN or inf.
+
+    Raises:
+        AdapterWeightsError: Naming the non-finite keys, sorted (``nonfinite_keys``).
+    """
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise AdapterWeightsError(
+            f"Adapter weights hold NaN or inf in {os.fspath(path)!r}: {_fmt_keys(bad)} — expected "
+            f"finite values — the adapter's training diverged; use an earlier checkpoint.",
+            path=path,
+            nonfinite_keys=bad,
+        )
+
+
 def meta_skeleton(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers live on the meta device.
 
