@@ -29,20 +29,24 @@ def make_mlp(seed: int = 0) -> MLP:
     return MLP()
 
 
-def tiny_llama(seed: int = 0) -> Any:
-    """A 2-layer Llama built from a config (nothing downloaded), in eval mode as from_pretrained gives."""
+def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
+    """A 2-layer Llama built from a config (nothing downloaded), in eval mode as from_pretrained gives.
+
+    ``overrides`` change fields of the ``LlamaConfig`` (e.g. ``attention_dropout=0.5``).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    fields: dict[str, Any] = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    cfg = LlamaConfig(**{**fields, **overrides})
     model = LlamaForCausalLM(cfg)
     model.config.name_or_path = "tiny-llama"
     model.name_or_path = "tiny-llama"

@@ -413,19 +413,7 @@ def test_every_peft_tuner_with_a_dropout_rate_is_covered() -> None:
 
 
 def _llama_attention_dropout() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_dropout=0.5,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(num_hidden_layers=1, attention_dropout=0.5).train()  # type: ignore[no-any-return]
 
 
 def _gpt2() -> nn.Module:
