@@ -1,10 +1,10 @@
 """safe_lora: load and evaluate PEFT adapters safely and deterministically."""
 
-from safe_lora._adapters import use_adapter
+from safe_lora._adapters import load_adapter, set_active_adapter, use_adapter
 from safe_lora._config import dropout_rates
 from safe_lora._dropout import DropoutSite, assert_deterministic, deterministic_lora, live_dropout
 from safe_lora._inspect import AdapterReport, Finding, inspect_adapter
-from safe_lora._loading import load_adapter, load_for_inference, load_for_training
+from safe_lora._loading import load_for_inference, load_for_training
 from safe_lora._version import __version__
 from safe_lora.errors import (
     AdapterConfigError,
@@ -48,5 +48,6 @@ __all__ = [
     "load_adapter",
     "load_for_inference",
     "load_for_training",
+    "set_active_adapter",
     "use_adapter",
 ]

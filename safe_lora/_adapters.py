@@ -1,32 +1,151 @@
-"""Switching between several adapters on one base without side effects."""
+"""Several adapters on one base: add one, replace one's weights in place, switch between them.
+
+PEFT's ``set_adapter`` switches ``requires_grad`` on for the adapter it activates and off for the
+others; its ``load_adapter`` puts the whole model in eval mode. Here nothing changes but what was
+asked: every module's mode and every parameter's ``requires_grad`` stay exactly as they were.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, Literal
 
-from peft import PeftModel
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
+from torch import nn
 
-from safe_lora._loading import _activate
-from safe_lora._modes import ModeSnapshot
-from safe_lora.errors import UnknownAdapterError
+from safe_lora._config import dropout_rates
+from safe_lora._loading import AdapterSource, _attach, _peft_type, _Plan, _plan, _split_kwargs
+from safe_lora._rollback import rollback_on_error
+from safe_lora._validate import compare, expected_keys
+from safe_lora.errors import (
+    AdapterConfigError,
+    AdapterExistsError,
+    AdapterWeightsError,
+    UnknownAdapterError,
+)
+
+__all__ = ["load_adapter", "set_active_adapter", "use_adapter"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Switching
+# --------------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # torch.compile's OptimizedModule keeps the model as ``_orig_mod``.
+    inner = model._modules.get("_orig_mod") if "_orig_mod" in model._modules else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _peft_model(model: nn.Module, what: str) -> PeftModel:
+    inner = _unwrap(model)
+    if not isinstance(inner, PeftModel):
+        raise TypeError(
+            f"{what} takes a PeftModel, found {type(model).__name__} — load the first adapter with "
+            f"load_for_inference or load_for_training."
+        )
+    return inner
+
+
+def _check_names(model: PeftModel, names: Sequence[str]) -> None:
+    for name in names:
+        if name not in model.peft_config:
+            raise UnknownAdapterError(
+                f"Unknown adapter: expected one of {sorted(model.peft_config)}, found {name!r} — load it "
+                f"first with safe_lora.load_adapter, or pick a loaded name.",
+                name=name,
+                available=model.peft_config,
+            )
+
+
+def _switch(model: PeftModel, names: list[str]) -> None:
+    """Make exactly ``names`` active; no ``requires_grad`` and no mode changes.
+
+    For the standard tuner layers this sets what PEFT's ``set_adapter`` sets, minus its gradient
+    side effect, in one walk. Layers or wrappers with their own ``set_adapter`` (modules_to_save,
+    trainable tokens, prompt learning, merged layers, ...) go through PEFT's, with every
+    ``requires_grad`` it touches put back.
+    """
+    tuner: Any = model.base_model
+    plain = not model.peft_config[names[0]].is_prompt_learning and (
+        type(tuner).set_adapter is BaseTuner.set_adapter
+    )
+    layers: list[BaseTunerLayer] = []
+    if plain:
+        for module in tuner.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                plain = False
+                break
+            if isinstance(module, BaseTunerLayer):
+                if module.merged or type(module).set_adapter is not BaseTunerLayer.set_adapter:
+                    plain = False
+                    break
+                layers.append(module)
+    if plain:
+        for layer in layers:
+            layer._active_adapter = list(names)
+        tuner.active_adapter = names[0] if len(names) == 1 else list(names)
+        if len(names) == 1:
+            model.active_adapter = names[0]
+        return
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    if len(names) == 1:
+        model.set_adapter(names[0], inference_mode=True)
+    else:
+        tuner.set_adapter(names, inference_mode=True)
+    for param, requires_grad in grads:
+        if param.requires_grad is not requires_grad:
+            param.requires_grad_(requires_grad)
+
+
+def set_active_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> None:
+    """Activate adapter(s) for good, without PEFT's side effect on gradients.
+
+    ``model.set_adapter(name)`` in PEFT switches ``requires_grad`` on for the adapter it
+    activates -- in a frozen inference model that silently makes it trainable. This keeps every
+    module's mode and every parameter's ``requires_grad`` exactly as they were.
+
+    Args:
+        model: A ``PeftModel`` (or a ``torch.compile`` of one) holding the adapter(s).
+        name_or_names: One adapter name, or several to combine (tuners that support it, e.g. LoRA).
+
+    Raises:
+        UnknownAdapterError: A name that is not loaded; nothing changes.
+
+    Example:
+        >>> model = load_for_inference(base, {"chat": "out/chat", "sql": "out/sql"})  # doctest: +SKIP
+        >>> set_active_adapter(model, "sql")  # still frozen, still in eval  # doctest: +SKIP
+    """
+    peft_model = _peft_model(model, "set_active_adapter")
+    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    if not names:
+        raise ValueError("set_active_adapter: expected at least one adapter name, found none.")
+    _check_names(peft_model, names)
+    _switch(peft_model, names)
 
 
 @contextmanager
-def use_adapter(model: PeftModel, name: str) -> Iterator[PeftModel]:
+def use_adapter(model: nn.Module, name: str) -> Iterator[PeftModel]:
     """Activate one adapter for a block; restore the previous active adapter(s) on exit.
 
-    PEFT's ``set_adapter`` switches ``requires_grad`` on for the adapter it activates — in a frozen
-    inference model that silently makes it trainable. Here every module's mode and every
-    parameter's ``requires_grad`` are exactly as before, inside the block and after it, also when
-    the block raises.
+    Every module's mode and every parameter's ``requires_grad`` are exactly as before, inside the
+    block and after it, also when the block raises.
 
     Args:
-        model: A ``PeftModel`` holding ``name``.
+        model: A ``PeftModel`` (or a ``torch.compile`` of one) holding ``name``.
         name: The adapter to activate inside the block.
 
     Yields:
-        ``model``, with ``name`` active.
+        The ``PeftModel``, with ``name`` active.
 
     Raises:
         UnknownAdapterError: The model holds no adapter called ``name``.
@@ -36,19 +155,338 @@ def use_adapter(model: PeftModel, name: str) -> Iterator[PeftModel]:
         >>> with use_adapter(model, "sql"):  # doctest: +SKIP
         ...     answer = model(**batch)
     """
-    if name not in model.peft_config:
-        raise UnknownAdapterError(
-            f"Unknown adapter: expected one of {sorted(model.peft_config)}, found {name!r} — load it "
-            f"first with safe_lora.load_adapter, or pick a loaded name.",
-            name=name,
-            available=model.peft_config,
-        )
-    previous = list(model.active_adapters)
-    modes = ModeSnapshot(model)
+    peft_model = _peft_model(model, "use_adapter")
+    _check_names(peft_model, [name])
+    previous = list(peft_model.active_adapters)
     try:
-        _activate(model, [name])
-        modes.restore()
-        yield model
+        _switch(peft_model, [name])
+        yield peft_model
     finally:
-        _activate(model, previous)
-        modes.restore()
+        _switch(peft_model, previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# Adding and replacing
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_training_model(model: PeftModel) -> bool:
+    return not all(getattr(c, "inference_mode", False) for c in model.peft_config.values())
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter: AdapterSource,
+    *,
+    adapter_name: str,
+    replace: bool = False,
+    dropout: float | Literal["auto"] | None = "auto",
+    strict: bool = True,
+    allow_pickle: bool = False,
+    **peft_kwargs: Any,
+) -> PeftModel:
+    """Load one more adapter into a model from ``load_for_inference`` / ``load_for_training``, or
+    swap new weights into one it already holds.
+
+    The same checks as single loading run first. Adding (``replace=False``) disturbs nothing else:
+    every module's mode, the active adapter(s) and every existing parameter's ``requires_grad``
+    stay as they were (PEFT's own ``load_adapter`` switches the whole model to eval). In an
+    inference model the new adapter gets zero dropout and no gradients; in a training model it is
+    trainable, like the first one.
+
+    With ``replace=True`` the adapter called ``adapter_name`` gets the new weights **in place**:
+    the same tensor objects, dtype and device (so a ``torch.compile``d model serves them without
+    recompiling), after the new file was checked in full against the loaded adapter -- same tuner,
+    targets, ranks and variant; keys and shapes exact; values finite. A different alpha updates the
+    scalings (a compiled model then re-specialises once). Any refusal leaves the old weights,
+    modes and ``requires_grad`` exactly as they were.
+
+    Args:
+        model: A ``PeftModel`` (or a ``torch.compile`` of one) holding at least one adapter.
+        adapter: A folder written by ``save_pretrained`` or a hub repo id.
+        adapter_name: The new adapter's name (must not be taken), or with ``replace=True`` the
+            loaded adapter to overwrite (must exist).
+        replace: Overwrite ``adapter_name``'s weights in place instead of adding an adapter.
+        dropout: ``"auto"`` zeroes dropout in an inference model and keeps the saved rates in a
+            training model; a float or ``None`` as for :func:`load_for_inference`.
+        strict: Refuse missing or unexpected adapter keys (``replace=True`` is always strict).
+        allow_pickle: Allow ``adapter_model.bin`` when there is no safetensors file.
+        **peft_kwargs: ``PeftModel.load_adapter``'s keywords; a ``config`` object is copied.
+
+    Returns:
+        The ``PeftModel``, with the adapter added (not activated: use :func:`use_adapter` or
+        :func:`set_active_adapter`) or replaced.
+
+    Raises:
+        AdapterExistsError: ``adapter_name`` is already taken (and ``replace`` is false).
+        UnknownAdapterError: ``replace=True`` and no adapter is called ``adapter_name``.
+        AdapterConfigError: ``replace=True`` and the new config does not match the loaded adapter's.
+        AdapterNotFoundError, AdapterWeightsError, UnsafeAdapterError: As for
+            :func:`load_for_inference`; the model is left exactly as it was.
+
+    Example:
+        >>> model = load_for_inference(base, {"chat": "out/chat"})  # doctest: +SKIP
+        >>> load_adapter(model, "out/sql", adapter_name="sql")  # doctest: +SKIP
+        >>> load_adapter(model, "out/sql-step-2000", adapter_name="sql", replace=True)  # doctest: +SKIP
+    """
+    peft_model = _peft_model(model, "load_adapter")
+    taken = adapter_name in peft_model.peft_config
+    if replace and not taken:
+        raise UnknownAdapterError(
+            f"Cannot replace adapter {adapter_name!r}: expected one of {sorted(peft_model.peft_config)} — "
+            f"pass the name of a loaded adapter, or replace=False to add a new one.",
+            name=adapter_name,
+            available=peft_model.peft_config,
+        )
+    if taken and not replace:
+        raise AdapterExistsError(
+            f"Adapter name taken: the model already holds {sorted(peft_model.peft_config)} — pass a new "
+            f"adapter_name, or replace=True to swap new weights into {adapter_name!r} in place.",
+            name=adapter_name,
+            available=peft_model.peft_config,
+        )
+    training = _is_training_model(peft_model)
+    if dropout == "auto":
+        dropout = None if training else 0.0
+    options = _split_kwargs(peft_kwargs)
+    plan = _plan(
+        peft_model,
+        adapter,
+        name=adapter_name,
+        training=training,
+        dropout=dropout,
+        allow_pickle=allow_pickle,
+        options=options,
+    )
+    if replace:
+        _replace(peft_model, plan, training=training)
+        return peft_model
+
+    active = list(peft_model.active_adapters)
+    with rollback_on_error(peft_model) as snapshot:
+        _attach(peft_model, plan, training=training, strict=strict, options=options, snapshot=snapshot)
+        if list(peft_model.active_adapters) != active:
+            _switch(peft_model, active)
+        # Everything that existed keeps its own mode and requires_grad; what is new follows its
+        # parent's mode and the model's kind (trainable only in a training model).
+        snapshot.restore_modes()
+        for parent, child in snapshot.new_subtrees():
+            if any(m.training is not parent.training for m in child.modules()):
+                child.train(parent.training)
+        for param in snapshot.new_parameters():
+            if param.requires_grad is not training:
+                param.requires_grad_(training)
+    return peft_model
+
+
+# Config fields a replacement may change: bookkeeping, the dropout rates (they follow the model's
+# mode) and, for LoRA, alpha (the scalings are updated). Targets and modules_to_save are compared
+# through the keys and shapes of the file instead (PEFT rewrites them in the loaded config).
+_FREE_FIELDS = frozenset(
+    {
+        "inference_mode",
+        "base_model_name_or_path",
+        "revision",
+        "peft_version",
+        "runtime_config",
+        "auto_mapping",
+        "target_modules",
+        "exclude_modules",
+        "modules_to_save",
+        "layers_to_transform",
+        "layers_pattern",
+    }
+)
+_ALPHA_FIELDS = frozenset({"lora_alpha", "alpha_pattern"})
+_ADAPTER_ONLY_INITS: frozenset[object] = frozenset({True, False, "gaussian", "eva", "orthogonal", "mica"})
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _config_changes(old: PeftConfig, new: PeftConfig, *, lora: bool) -> list[str]:
+    """The fields that differ in a way a replacement in place cannot honour, sorted."""
+    rates = set(dropout_rates(old)) | set(dropout_rates(new))
+    free = _FREE_FIELDS | rates | (_ALPHA_FIELDS if lora else frozenset())
+    changed = []
+    for f in dataclasses.fields(old):
+        if f.name in free:
+            continue
+        a, b = _comparable(getattr(old, f.name, None)), _comparable(getattr(new, f.name, None))
+        if f.name == "init_lora_weights" and a in _ADAPTER_ONLY_INITS and b in _ADAPTER_ONLY_INITS:
+            continue  # the init is overwritten by the loaded values, unless it rewrote the base
+        if a != b:
+            changed.append(f"{f.name}: loaded {a!r}, new {b!r}")
+    return sorted(changed)
+
+
+@dataclasses.dataclass
+class _Rate:
+    """One dropout rate to set on one layer: ``holder[adapter] = rate`` in some form."""
+
+    layer: nn.Module
+    attribute: str
+    adapter: str
+    rate: float
+
+    def apply(self) -> None:
+        holder = getattr(self.layer, self.attribute)
+        current = holder[self.adapter]
+        if isinstance(holder, nn.ModuleDict):
+            if isinstance(current, nn.Dropout):
+                current.p = self.rate
+            elif self.rate > 0:
+                fresh = nn.Dropout(p=self.rate)
+                fresh.train(current.training)
+                holder[self.adapter] = fresh
+        else:
+            holder[self.adapter] = self.rate
+
+
+def _rate_updates(model: PeftModel, name: str, old: PeftConfig, new: PeftConfig) -> list[_Rate]:
+    """Where each changed dropout rate lives in the layers; refuses a rate with no home."""
+    before, after = dropout_rates(old), dropout_rates(new)
+    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    if not changed:
+        return []
+    updates: list[_Rate] = []
+    homeless = set(changed)
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for attribute, rate in changed.items():
+            holder = getattr(module, attribute, None)
+            if isinstance(holder, (nn.ModuleDict, dict)) and name in holder:
+                updates.append(_Rate(module, attribute, name, rate))
+                homeless.discard(attribute)
+    if homeless:
+        raise AdapterConfigError(
+            f"Cannot replace adapter {name!r} in place: its dropout rate(s) {sorted(homeless)} change "
+            f"({', '.join(f'{k}: {before.get(k)} -> {changed[k]}' for k in sorted(homeless))}) and the "
+            f"layers keep no per-adapter rate to update — expected the same rates — load the new "
+            f"weights under a new adapter_name instead.",
+        )
+    return updates
+
+
+def _lora_scalings(model: PeftModel, name: str, config: PeftConfig) -> list[tuple[nn.Module, float, float]]:
+    """``(layer, alpha, scaling)`` for each LoRA layer of ``name`` under ``config`` (PEFT's formula)."""
+    r_default: int = getattr(config, "r", 8)
+    alpha_default: float = getattr(config, "lora_alpha", 8)
+    rank_pattern: dict[str, int] = dict(getattr(config, "rank_pattern", None) or {})
+    alpha_pattern: dict[str, float] = dict(getattr(config, "alpha_pattern", None) or {})
+    found: list[tuple[nn.Module, float, float]] = []
+    for key, module in model.get_base_model().named_modules():
+        scaling = getattr(module, "scaling", None)
+        if not isinstance(module, nn.Module) or not isinstance(module, BaseTunerLayer):
+            continue
+        if not isinstance(scaling, dict) or name not in scaling:
+            continue
+        rank = rank_pattern.get(get_pattern_key(list(rank_pattern), key), r_default)
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), key), alpha_default)
+        scale = alpha / math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha / rank
+        found.append((module, alpha, scale))
+    return found
+
+
+def _replace(model: PeftModel, plan: _Plan, *, training: bool) -> None:
+    """Swap ``plan``'s weights into the loaded adapter of the same name, in place, or refuse."""
+    name = plan.name
+    old = model.peft_config[name]
+    new = copy.deepcopy(plan.config)
+    new.inference_mode = old.inference_mode
+    where = os.fspath(plan.files.folder)
+    if _peft_type(old) != _peft_type(new):
+        raise AdapterConfigError(
+            f"Cannot replace adapter {name!r} with the one in {where!r}: expected a {_peft_type(old)} "
+            f"adapter, found {_peft_type(new)} — load it under a new adapter_name instead.",
+            path=plan.files.folder,
+        )
+    lora = hasattr(model.base_model, "prefix") and getattr(model.base_model, "prefix", "") == "lora_"
+    changed = _config_changes(old, new, lora=lora)
+    if changed:
+        raise AdapterConfigError(
+            f"Cannot replace adapter {name!r} in place with the one in {where!r}: the configs differ in "
+            f"{'; '.join(changed)} — expected the same tuner, targets, ranks and variant — load it under a "
+            f"new adapter_name instead.",
+            path=plan.files.folder,
+        )
+    merged = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and name in m.merged_adapters]
+    if merged:
+        raise AdapterConfigError(
+            f"Cannot replace adapter {name!r}: it is merged into the base weights — expected an unmerged "
+            f"adapter — call model.unmerge_adapter() first.",
+            path=plan.files.folder,
+        )
+    # Keys and shapes exactly those of the loaded adapter (always strict: a key left out would keep
+    # the old adapter's value, one added would have nowhere to go).
+    compare(plan.header, expected_keys(model, name), path=plan.weights, strict=True)
+    rates = _rate_updates(model, name, old, new)
+    scalings = _lora_scalings(model, name, new) if lora else []
+
+    # Where each file key lives: PEFT's own state dict of the adapter aliases the parameters.
+    targets: dict[str, torch.Tensor] = get_peft_model_state_dict(
+        model, adapter_name=name, save_embedding_layers=False
+    )
+    extra = sorted(set(plan.tensors) - set(targets))
+    if extra:
+        raise AdapterWeightsError(
+            f"Cannot replace adapter {name!r} in place from {os.fspath(plan.weights)!r}: the file also "
+            f"holds {', '.join(extra)}, which the loaded adapter does not — load it under a new "
+            f"adapter_name instead.",
+            path=plan.weights,
+            unexpected_keys=extra,
+        )
+    for key, value in plan.tensors.items():
+        if value.is_floating_point() != targets[key].is_floating_point():
+            raise AdapterWeightsError(
+                f"Adapter weights have the wrong dtype in {os.fspath(plan.weights)!r}: {key} holds "
+                f"{value.dtype} where the loaded adapter holds {targets[key].dtype} — re-save the adapter.",
+                path=plan.weights,
+                unexpected_keys=[key],
+            )
+    old_values = {key: targets[key].detach().clone() for key in plan.tensors}
+    old_scalings = [(m, dict(getattr(m, "scaling", {}))) for m, _, _ in scalings]
+    old_alpha = [(m, dict(getattr(m, "lora_alpha", {}))) for m, _, _ in scalings]
+    try:
+        with torch.no_grad():
+            for key, value in plan.tensors.items():
+                targets[key].copy_(value)  # what load_state_dict does: same tensor, its dtype kept
+        for module, alpha, scaling in scalings:
+            scaling_dict: Any = module.scaling
+            scaling_dict[name] = scaling
+            alphas: Any = getattr(module, "lora_alpha", None)
+            if isinstance(alphas, dict):
+                alphas[name] = alpha
+        # The copies must have reached the model: read it back the way save_pretrained would.
+        now = get_peft_model_state_dict(model, adapter_name=name)
+        stale = sorted(k for k, v in plan.tensors.items() if not torch.equal(now[k], v.to(now[k].dtype)))
+        if stale:
+            raise AdapterWeightsError(
+                f"Cannot replace adapter {name!r} in place: {', '.join(stale)} did not reach the model's "
+                f"tensors — load it under a new adapter_name instead.",
+                path=plan.weights,
+            )
+    except BaseException:
+        with torch.no_grad():
+            for key, value in old_values.items():
+                targets[key].copy_(value)
+        for module, saved in old_scalings:
+            scaling_dict = module.scaling
+            scaling_dict.clear()
+            scaling_dict.update(saved)
+        for module, saved in old_alpha:
+            alphas = getattr(module, "lora_alpha", None)
+            if isinstance(alphas, dict):
+                alphas.clear()
+                alphas.update(saved)
+        raise
+    for update in rates:
+        update.apply()
+    # The same parameters: an optimizer holding them goes on training the new values.
+    model.peft_config[name] = new

@@ -3,9 +3,15 @@ the fit -> set mode.
 
 What can be checked on disk (folder, config, pickle, safetensors header, NaN/inf) is checked for
 every adapter before the caller's model is touched. The rest (targets that match nothing, keys
-and shapes against the injected adapter, mergeability) runs under a snapshot of the module tree,
-taken by reference, so that any failure -- ours, PEFT's, or a KeyboardInterrupt -- leaves the
-caller's model exactly as it was, without a second copy of any weights.
+and shapes against the injected adapter, mergeability) runs under a :class:`Snapshot` of the model,
+so that any failure -- ours, PEFT's, or a KeyboardInterrupt -- leaves the caller's model exactly as
+it was.
+
+Fidelity comes first: the injection and the load run PEFT's own code with PEFT's own defaults
+(``low_cpu_mem_usage=False``: adapter tensors are created, initialised -- base-rewriting inits such
+as PiSSA or KaSA included -- and the file's values copied in), so the model is bit-identical to
+``PeftModel.from_pretrained``'s. The only differences are the documented ones: the dropout rates of
+the config copy, every module's mode, ``requires_grad``.
 """
 
 from __future__ import annotations
@@ -13,14 +19,19 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
 from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+from peft.tuners.tuners_utils import (
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from torch import nn
 
 from safe_lora._config import (
@@ -31,11 +42,12 @@ from safe_lora._config import (
     read_config,
     resolve_adapter,
 )
-from safe_lora._modes import ModeSnapshot
+from safe_lora._merge import merge as merge_adapter
+from safe_lora._rollback import Snapshot, rollback_on_error
 from safe_lora._validate import (
+    Expected,
     HeaderEntry,
     check_finite,
-    check_mergeable,
     compare,
     expected_keys,
     iter_tensors,
@@ -43,8 +55,8 @@ from safe_lora._validate import (
 )
 from safe_lora.errors import (
     AdapterConfigError,
-    AdapterExistsError,
     AdapterNotFoundError,
+    AdapterWeightsError,
     BaseModelMismatchWarning,
     UnknownAdapterError,
     _fmt_keys,
@@ -67,54 +79,117 @@ class _Plan:
     tensors: dict[str, torch.Tensor]
 
 
-class _TreeSnapshot:
-    """The state of every module and parameter, cheap to take (references only) and to restore.
+# --------------------------------------------------------------------------------------------------
+# PEFT's keyword arguments
+# --------------------------------------------------------------------------------------------------
 
-    Restoring each module's ``__dict__`` brings back its children, parameters, buffers, hooks,
-    ``training`` flag and attributes, which undoes any injection PEFT did; parameter tensors are
-    the same objects, so their values never needed copying.
+# Every keyword ``PeftModel.from_pretrained`` / ``load_adapter`` take (and the ``**kwargs`` they
+# document), and where each goes. Anything else is refused by name: nothing is dropped silently.
+# Handled by the direct load path (the file is read once):
+_DIRECT_KWARGS = frozenset({"low_cpu_mem_usage", "autocast_adapter_dtype"})
+# Set on the config copy, as PEFT does:
+_CONFIG_KWARGS = frozenset({"ephemeral_gpu_offload"})
+# Handed to PEFT's own ``load_adapter`` (device placement, offloading, renamed keys), which then
+# reads the file itself:
+_PEFT_LOAD_KWARGS = frozenset(
+    {
+        "key_mapping",
+        "torch_device",
+        "device_map",
+        "max_memory",
+        "offload_folder",
+        "offload_dir",
+        "offload_index",
+    }
+)
+# Accepted because safe_lora already does what they ask: safetensors is the only format it reads
+# unless ``allow_pickle=True``.
+_NOOP_KWARGS = frozenset({"use_safetensors"})
+_DECIDED_KWARGS = {
+    "is_trainable": "use load_for_training or load_for_inference instead",
+    "model_id": "pass the adapter as the second argument",
+    "model": "pass the model as the first argument",
+}
+# Accepted only with the value that keeps safe_lora's guarantees.
+_REFUSED_VALUES = {
+    "ignore_mismatched_sizes": (
+        False,
+        "safe_lora refuses weights whose shapes do not fit (AdapterWeightsError names them); drop the option",
+    ),
+}
+
+
+@dataclass
+class _Options:
+    """The caller's PEFT keyword arguments, sorted by where they go."""
+
+    config: PeftConfig | None = None
+    hub: dict[str, Any] = field(default_factory=dict)
+    direct: dict[str, Any] = field(default_factory=dict)
+    peft_load: dict[str, Any] = field(default_factory=dict)
+    ephemeral_gpu_offload: bool | None = None
+
+    @property
+    def low_cpu_mem_usage(self) -> bool:
+        # PEFT's default: adapter tensors are created and initialised, then the file's values are
+        # copied in. The assign path (True) rounds the file's fp32 values to a half-precision
+        # base's dtype and defers some inits to the first forward, so it is taken only on request.
+        return bool(self.direct.get("low_cpu_mem_usage", False))
+
+    @property
+    def autocast_adapter_dtype(self) -> bool:
+        return bool(self.direct.get("autocast_adapter_dtype", True))
+
+
+def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
+    """Sort the caller's PEFT keyword arguments; the caller's dict is not changed.
+
+    Raises:
+        TypeError: A keyword safe_lora decides itself, or one PEFT does not take, naming it.
     """
+    options = _Options()
+    for key, value in peft_kwargs.items():
+        if key in _DECIDED_KWARGS:
+            raise TypeError(f"{key}= is decided by safe_lora — {_DECIDED_KWARGS[key]}.")
+        if key == "config":
+            options.config = value
+        elif key in HUB_KWARGS:
+            options.hub[key] = value
+        elif key in _DIRECT_KWARGS:
+            options.direct[key] = value
+        elif key in _CONFIG_KWARGS:
+            options.ephemeral_gpu_offload = bool(value)
+        elif key in _PEFT_LOAD_KWARGS:
+            if value is not None:
+                options.peft_load[key] = value
+        elif key in _NOOP_KWARGS:
+            continue
+        elif key in _REFUSED_VALUES:
+            allowed, why = _REFUSED_VALUES[key]
+            if value != allowed:
+                raise TypeError(f"{key}={value!r} is not supported: {why}.")
+        else:
+            known = sorted(
+                {
+                    "config",
+                    *HUB_KWARGS,
+                    *_DIRECT_KWARGS,
+                    *_CONFIG_KWARGS,
+                    *_PEFT_LOAD_KWARGS,
+                    *_NOOP_KWARGS,
+                    *_REFUSED_VALUES,
+                }
+            )
+            raise TypeError(
+                f"Unexpected keyword argument {key}=: expected one of PeftModel.from_pretrained's "
+                f"keywords {known} — remove it, or set it on a config object passed as config=."
+            )
+    return options
 
-    def __init__(self, model: nn.Module) -> None:
-        self._modules = [(m, {k: _shallow(v) for k, v in vars(m).items()}) for m in model.modules()]
-        self._grads = [(p, p.requires_grad) for p in model.parameters()]
 
-    def tensors_replaced(self) -> bool:
-        """Whether any parameter or buffer of a captured module is now a different tensor object.
-
-        Loading assigns each tensor it consumes, so this is how a file key that landed in a base
-        (or another adapter's) weight shows, at the cost of a glance at each module's dicts.
-        """
-        for module, saved in self._modules:
-            for slot in ("_parameters", "_buffers"):
-                now: dict[str, Any] = module.__dict__.get(slot, {})
-                for key, tensor in saved.get(slot, {}).items():
-                    if now.get(key) is not tensor:
-                        return True
-        return False
-
-    def restore(self) -> None:
-        for module, saved in self._modules:
-            module.__dict__.clear()
-            module.__dict__.update({k: _shallow(v) for k, v in saved.items()})
-        for param, requires_grad in self._grads:
-            param.requires_grad_(requires_grad)
-
-
-def _shallow(value: Any) -> Any:
-    # .copy() keeps the type (OrderedDict for hooks) and is far cheaper than copy.copy here:
-    # this runs for every attribute of every module on each load.
-    return value.copy() if isinstance(value, (dict, set, list)) else value
-
-
-@contextmanager
-def _rollback_on_error(model: nn.Module) -> Iterator[_TreeSnapshot]:
-    snapshot = _TreeSnapshot(model)
-    try:
-        yield snapshot
-    except BaseException:
-        snapshot.restore()
-        raise
+# --------------------------------------------------------------------------------------------------
+# On disk
+# --------------------------------------------------------------------------------------------------
 
 
 def _name_or_path(model: nn.Module) -> str:
@@ -131,16 +206,26 @@ def _plan(
     training: bool,
     dropout: float | None,
     allow_pickle: bool,
-    config: PeftConfig | None,
-    hub_kwargs: dict[str, Any],
+    options: _Options,
 ) -> _Plan:
     """Everything that can be checked on disk: folder, config, weights file and its header."""
-    folder = resolve_adapter(source, **hub_kwargs)
+    config = options.config
+    folder = resolve_adapter(source, **options.hub)
     files = find_files(folder, allow_pickle=allow_pickle)
     if config is not None and not isinstance(config, PeftConfig):
         raise TypeError(f"config= must be a peft.PeftConfig, found {type(config).__name__}.")
     saved = config if config is not None else read_config(folder)
     prepared = prepared_copy(saved, dropout=dropout, inference_mode=not training)
+    if options.ephemeral_gpu_offload is not None:
+        runtime = getattr(prepared, "runtime_config", None)
+        if runtime is None:
+            if options.ephemeral_gpu_offload:
+                raise TypeError(
+                    f"ephemeral_gpu_offload=True is not supported by {_peft_type(prepared)} adapters — "
+                    f"PEFT would ignore it; remove it."
+                )
+        else:
+            runtime.ephemeral_gpu_offload = options.ephemeral_gpu_offload
     if training and prepared.is_prompt_learning:
         raise AdapterConfigError(
             f"Cannot load a {_peft_type(prepared)} adapter for training: PEFT can only load "
@@ -182,72 +267,213 @@ def _peft_type(config: PeftConfig) -> str:
     return str(getattr(raw, "value", raw))
 
 
+# --------------------------------------------------------------------------------------------------
+# What PEFT may write in place
+# --------------------------------------------------------------------------------------------------
+
+# LoRA initialisations that only touch the adapter's own tensors. Every other string (PiSSA, CorDA,
+# OLoRA, LoftQ, LoRA-GA, and any a newer PEFT adds) is assumed to rewrite the base weight.
+_ADAPTER_ONLY_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+
+
+def _rewrites_base(config: PeftConfig) -> bool:
+    """Whether injecting ``config`` recomputes the targets' base weights (PiSSA, OLoRA, KaSA, ...)."""
+    init = getattr(config, "init_lora_weights", None)
+    if isinstance(init, str) and init.lower() not in _ADAPTER_ONLY_INITS:
+        return True
+    return getattr(config, "kasa_config", None) is not None
+
+
+def _is_quantized(tensor: torch.Tensor) -> bool:
+    # bitsandbytes keeps 4-bit weights packed in uint8 and 8-bit ones in int8, with their state
+    # (quant_state, SCB) as attributes of the parameter; a float weight is plain storage.
+    return not (tensor.is_floating_point() or tensor.is_complex()) or bool(vars(tensor))
+
+
+def _targets(model: nn.Module, config: PeftConfig) -> list[nn.Module]:
+    """The modules PEFT will adapt for ``config``, by PEFT's own matching; every module if unsure."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    modules = [(k, m) for k, m in inner.named_modules() if k and not isinstance(m, BaseTunerLayer)]
+    try:
+        probe = _maybe_include_all_linear_layers(copy.deepcopy(config), inner)
+        parameters = tuple(getattr(probe, "target_parameters", None) or ())
+        if getattr(probe, "target_modules", None) is None and not parameters:
+            return [m for _, m in modules]  # PEFT picks defaults per architecture: be generous
+        return [
+            module
+            for key, module in modules
+            if check_target_module_exists(probe, key)
+            or any(f"{key}.{name}".endswith(parameters) for name in module._parameters)
+        ]
+    except Exception:  # an unusual config PEFT will judge itself: protect everything
+        return [m for _, m in modules]
+
+
+def _protect_in_place_targets(model: nn.Module, config: PeftConfig, snapshot: Snapshot) -> None:
+    """Back up the values of the tensors the injection may write in place -- and only those.
+
+    A plain LoRA on a float base writes no existing tensor, so nothing is copied. A base-rewriting
+    init writes its targets' weights; quantized weights are rebuilt by several PEFT code paths.
+    """
+    rewrites = _rewrites_base(config)
+    for module in _targets(model, config):
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and (rewrites or _is_quantized(tensor)):
+                snapshot.backup(tensor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Injecting, loading and proving
+# --------------------------------------------------------------------------------------------------
+
+
+# PEFT warnings that safe_lora replaces by its own refusal or warning (never shown twice).
+_OWN_WARNINGS = ("Found missing adapter keys",)
+
+
+@contextmanager
+def _peft_warnings() -> Iterator[Callable[[], None]]:
+    """Record what PEFT warns while it works; the caller replays it once the load succeeded.
+
+    A refused load raises one typed error instead of a trail of PEFT's warnings about a model
+    that no longer exists; a successful one passes every warning on, unchanged.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recorded: list[warnings.WarningMessage] = caught
+
+        def replay() -> None:
+            for w in recorded:
+                if not str(w.message).startswith(_OWN_WARNINGS):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+        yield replay
+
+
+class _Misfit(Exception):
+    """A file key would land where it must not, or does not fit, before anything is written."""
+
+    def __init__(self, landed: list[str], wrong_dtype: list[str], mismatched: list[str]) -> None:
+        super().__init__("misfit")
+        self.landed = landed
+        self.wrong_dtype = wrong_dtype
+        self.mismatched = mismatched
+
+
+@dataclass
+class _LoadReport:
+    """What the guarded ``load_state_dict`` saw."""
+
+    dropped: list[str] = field(default_factory=list)  # file keys left out (strict=False)
+    loaded_ids: set[int] = field(default_factory=set)
+    calls: int = 0
+
+
+@contextmanager
+def _guarded_load(
+    peft_model: PeftModel,
+    plan: _Plan,
+    snapshot: Snapshot,
+    *,
+    refuse_stray: bool,
+    expected: Callable[[], Expected],
+) -> Iterator[_LoadReport]:
+    """Check every key PEFT is about to load, before the first value moves.
+
+    PEFT's ``set_peft_model_state_dict`` remaps the file's keys and calls ``load_state_dict`` on the
+    ``PeftModel``; that call is intercepted for the duration of the load (on the instance only).
+    A key may only land in a tensor this load created -- or in an existing one PEFT saves on
+    purpose (a bias with ``bias="all"``, a resized embedding), whose values are backed up first.
+    Anything else (a key that would overwrite a base weight, say) is refused, or left out with
+    ``strict=False``; shapes and integer-vs-float dtypes must fit.
+    """
+    report = _LoadReport()
+    file_key = {id(v): k for k, v in plan.tensors.items()}
+    original = peft_model.load_state_dict
+    optional: set[str] | None = None
+
+    def load_state_dict(state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        nonlocal optional
+        report.calls += 1
+        keep: dict[str, Any] = {}
+        landed, wrong_dtype, mismatched = [], [], []
+        for key, value in state_dict.items():
+            tensor, new = snapshot.resolve(peft_model, key)
+            name = file_key.get(id(value), key)
+            if tensor is None:
+                keep[key] = value  # nothing there: PEFT's result reports it as unexpected
+                continue
+            if not new:
+                if optional is None:
+                    full = expected()
+                    optional = set(full.shapes) | full.optional()
+                if name not in optional:
+                    landed.append(name)
+                    continue
+                snapshot.backup(tensor)
+            elif isinstance(value, torch.Tensor):
+                if value.is_floating_point() != tensor.is_floating_point() and tensor.device.type != "meta":
+                    wrong_dtype.append(name)
+                    continue
+                if tuple(value.shape) != tuple(tensor.shape):
+                    mismatched.append(name)
+                    continue
+            keep[key] = value
+            report.loaded_ids.add(id(tensor))
+        if wrong_dtype or mismatched or (landed and refuse_stray):
+            raise _Misfit(landed, wrong_dtype, mismatched)
+        report.dropped.extend(landed)
+        return original(keep, strict=strict, assign=assign)
+
+    peft_model.__dict__["load_state_dict"] = load_state_dict  # an instance attribute shadows the method
+    try:
+        yield report
+    finally:
+        peft_model.__dict__.pop("load_state_dict", None)
+
+
 def _attach(
     target: nn.Module,
     plan: _Plan,
     *,
     training: bool,
     strict: bool,
-    rest: dict[str, Any],
-    snapshot: _TreeSnapshot,
+    options: _Options,
+    snapshot: Snapshot,
 ) -> PeftModel:
     """Inject ``plan``'s adapter into ``target``, load it, and prove the file fit exactly.
 
-    ``target`` is a base model (a ``PeftModel`` is built around it) or a ``PeftModel`` (the adapter
-    is added). The caller holds the rollback (``snapshot``): whatever raises here is undone there.
+    ``target`` is a base model (a ``PeftModel`` is built around it, as ``from_pretrained`` does) or
+    a ``PeftModel`` (the adapter is added, as ``load_adapter`` does). The caller holds the rollback
+    (``snapshot``): whatever raises here is undone there.
     """
-    kwargs = dict(rest)
-    # With every key present, PEFT can create the adapter tensors empty and assign the loaded ones
-    # instead of random-initialising weights it would overwrite. With strict=False missing keys
-    # keep their initial values, so they must be real.
-    kwargs.setdefault("low_cpu_mem_usage", strict)
     config = copy.deepcopy(plan.config)  # PEFT adjusts the config it injects with
-    try:
-        with warnings.catch_warnings():
-            # Raised as typed errors below, or irrelevant to the caller (PEFT's notes on targets).
-            warnings.simplefilter("ignore")
-            if isinstance(target, PeftModel):
-                peft_model = target
-                peft_model.add_adapter(plan.name, config, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"])
-            else:
-                peft_model = _new_peft_model(target, config, plan.name, kwargs)
-    except Exception as exc:  # PEFT raises ValueError/TypeError/KeyError/RuntimeError for bad configs
-        base = target.get_base_model() if isinstance(target, PeftModel) else target
-        raise AdapterConfigError(
-            f"Adapter config does not fit this model in {os.fspath(plan.files.folder)!r}: {exc} — "
-            f"expected a config PEFT can apply to {type(base).__name__} (target modules that exist in "
-            f"it, valid field values) — check that this adapter was trained on this base model "
-            f"architecture, or fix the config (e.g. 'target_modules').",
-            path=plan.files.folder,
-        ) from exc
+    _protect_in_place_targets(target, config, snapshot)
+    with _peft_warnings() as replay:
+        peft_model = _inject(target, config, plan, training=training, options=options)
 
-    # The exact comparison (file keys and shapes vs. what the injected adapter holds) costs a walk
-    # of PEFT's state-dict machinery, ~8% of a load. On the fast path -- strict, tensors assigned
-    # -- PEFT's own load result plus a check that no existing tensor was replaced prove the same
-    # thing for free, and the comparison runs only to name what went wrong.
-    fast = strict and bool(kwargs["low_cpu_mem_usage"])
-    missing: list[str] = []
-    unexpected: list[str] = []
-    if not fast:
-        # Before any weight moves: a file key that fits nothing would otherwise land in a base
-        # weight (PEFT loads e.g. "base_model.model.fc2.weight" into the base model silently).
-        missing, unexpected = compare(
-            plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=strict
-        )
-    if training and target is peft_model:
-        peft_model.set_requires_grad(plan.name)  # PeftModel(...) did this for the first adapter
-    if not peft_model.peft_config[plan.name].is_prompt_learning:
-        # What PeftModel.from_pretrained does for models whose state-dict keys were renamed.
-        renamed = getattr(peft_model.get_base_model(), "_checkpoint_conversion_mapping", {})
-        kwargs.setdefault("key_mapping", renamed)
-    try:
-        incomplete = _load_weights(peft_model, plan, training=training, kwargs=kwargs, skip=unexpected)
-    except RuntimeError:
-        if fast:  # PEFT refuses shapes that do not fit: name them as the file does (raises)
-            compare(plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=True)
-        raise
-    if fast and (incomplete or snapshot.tensors_replaced()):
-        compare(plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=True)
+        def expected() -> Expected:
+            return expected_keys(peft_model, plan.name)
+
+        try:
+            with _guarded_load(peft_model, plan, snapshot, refuse_stray=strict, expected=expected) as report:
+                result = _load_weights(peft_model, plan, training=training, options=options)
+        except _Misfit as misfit:
+            _refuse(plan, expected(), misfit)
+            raise AssertionError("unreachable") from misfit  # _refuse always raises
+        except (RuntimeError, KeyError) as exc:
+            # PEFT could not place a file key (a modules_to_save weight missing from the file, a
+            # shape torch refuses): name the keys as the file does, or pass PEFT's error on.
+            compare(plan.header, expected(), path=plan.weights, strict=True)
+            raise AdapterWeightsError(
+                f"Adapter weights could not be loaded from {os.fspath(plan.weights)!r}: "
+                f"{type(exc).__name__}: {exc} — re-save the adapter with save_pretrained, or load it "
+                f"into the base model it was trained on.",
+                path=plan.weights,
+            ) from exc
+
+        missing, unexpected = _verdict(peft_model, plan, result, report, snapshot, strict=strict)
+    replay()
     if missing or unexpected:
         warnings.warn(
             f"Loaded adapter {plan.name!r} from {os.fspath(plan.files.folder)!r} with strict=False: "
@@ -259,76 +485,137 @@ def _attach(
     return peft_model
 
 
-# The keyword arguments the direct path below handles itself; any other (a device, GPU offload,
-# mismatched sizes, ...) goes through PeftModel.load_adapter, which reads the file again.
-_DIRECT_KWARGS = {"low_cpu_mem_usage", "autocast_adapter_dtype", "key_mapping"}
+def _inject(
+    target: nn.Module, config: PeftConfig, plan: _Plan, *, training: bool, options: _Options
+) -> PeftModel:
+    """Build the ``PeftModel`` (or add the adapter) exactly as PEFT's loading entry points do."""
+    try:
+        if isinstance(target, PeftModel):
+            target._check_new_adapter_config(config, is_trainable=training)
+            target.add_adapter(
+                plan.name,
+                config,
+                low_cpu_mem_usage=options.low_cpu_mem_usage,
+                autocast_adapter_dtype=options.autocast_adapter_dtype,
+            )
+            if training:
+                target.set_requires_grad(plan.name)
+            return target
+        # The same class choice as PeftModel.from_pretrained, so task wrappers match.
+        from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+        cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
+        peft_model: PeftModel = cls(
+            target,
+            config,
+            plan.name,
+            autocast_adapter_dtype=options.autocast_adapter_dtype,
+            low_cpu_mem_usage=options.low_cpu_mem_usage,
+        )
+        return peft_model
+    except Exception as exc:  # PEFT raises ValueError/TypeError/KeyError/RuntimeError for bad configs
+        base = target.get_base_model() if isinstance(target, PeftModel) else target
+        raise AdapterConfigError(
+            f"Adapter config does not fit this model in {os.fspath(plan.files.folder)!r}: {exc} — "
+            f"expected a config PEFT can apply to {type(base).__name__} (target modules that exist in "
+            f"it, valid field values) — check that this adapter was trained on this base model "
+            f"architecture, or fix the config (e.g. 'target_modules').",
+            path=plan.files.folder,
+        ) from exc
 
 
-def _load_weights(
-    peft_model: PeftModel, plan: _Plan, *, training: bool, kwargs: dict[str, Any], skip: list[str]
-) -> bool:
-    """Load ``plan.tensors`` into the injected adapter; True when PEFT reports keys that did not fit.
+def _load_weights(peft_model: PeftModel, plan: _Plan, *, training: bool, options: _Options) -> Any:
+    """Load ``plan.tensors`` into the injected adapter, as ``PeftModel.load_adapter`` does.
 
     The direct path hands the tensors already read (and checked) to PEFT's own
     ``set_peft_model_state_dict`` -- what ``load_adapter`` does after reading the file -- so the
-    file is read once, and ``skip`` (keys found unexpected with strict=False) is really left out
-    rather than loaded wherever PEFT would put it. Device maps, adaption prompts and extra
-    options take ``load_adapter``.
+    file is read once. Device maps, key mappings and device placement take ``load_adapter`` itself.
     """
     config = peft_model.peft_config[plan.name]
-    direct = (
-        set(kwargs) <= _DIRECT_KWARGS
-        and not kwargs.get("key_mapping")
-        and not config.is_adaption_prompt
-        and getattr(peft_model.get_base_model(), "hf_device_map", None) is None
-    )
-    with warnings.catch_warnings():
-        # PEFT's "Found missing adapter keys" is reported by name by the caller, or refused.
-        warnings.filterwarnings("ignore", message="Found missing adapter keys")
-        if not direct:
-            loaded = peft_model.load_adapter(
-                os.fspath(plan.files.folder), plan.name, is_trainable=training, **kwargs
-            )
-            return bool(loaded.missing_keys or loaded.unexpected_keys)
-        tensors = {k: v for k, v in plan.tensors.items() if k not in skip} if skip else plan.tensors
-        result: Any = set_peft_model_state_dict(
-            peft_model, tensors, adapter_name=plan.name, low_cpu_mem_usage=kwargs["low_cpu_mem_usage"]
-        )
     tuner: Any = peft_model.base_model
+    renamed = (
+        {}
+        if config.is_prompt_learning
+        else getattr(peft_model.get_base_model(), "_checkpoint_conversion_mapping", None) or {}
+    )
+    peft_load = dict(options.peft_load)
+    if renamed and "key_mapping" not in peft_load:
+        peft_load["key_mapping"] = renamed  # what PeftModel.from_pretrained does for renamed models
+    if peft_load or getattr(peft_model.get_base_model(), "hf_device_map", None) is not None:
+        return peft_model.load_adapter(
+            os.fspath(plan.files.folder), plan.name, is_trainable=training, **options.direct, **peft_load
+        )
+    context = (
+        tuner._temporarily_active(plan.name) if config.is_adaption_prompt else nullcontext()
+    )
+    with context:
+        result = set_peft_model_state_dict(
+            peft_model,
+            plan.tensors,
+            adapter_name=plan.name,
+            low_cpu_mem_usage=options.low_cpu_mem_usage,
+        )
     if hasattr(tuner, "_cast_adapter_dtype"):
-        autocast = kwargs.get("autocast_adapter_dtype", True)
-        tuner._cast_adapter_dtype(plan.name, autocast_adapter_dtype=autocast)
-    # load_state_dict lists every base key as missing; only this adapter's keys matter. A false
-    # alarm (e.g. a shared tensor) only costs the exact comparison the caller then runs.
-    marker = f".{plan.name}."
-    return bool(result.unexpected_keys) or any(marker in f".{k}." for k in result.missing_keys)
+        tuner._cast_adapter_dtype(
+            adapter_name=plan.name, autocast_adapter_dtype=options.autocast_adapter_dtype
+        )
+    return result
 
 
-def _new_peft_model(model: nn.Module, config: PeftConfig, name: str, kwargs: dict[str, Any]) -> PeftModel:
-    # The same class choice as PeftModel.from_pretrained, so task wrappers match.
-    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+def _verdict(
+    peft_model: PeftModel,
+    plan: _Plan,
+    result: Any,
+    report: _LoadReport,
+    snapshot: Snapshot,
+    *,
+    strict: bool,
+) -> tuple[list[str], list[str]]:
+    """Prove the file fit exactly; ``(missing, unexpected)`` to warn about with ``strict=False``.
 
-    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
-    return cls(
-        model,
-        config,
-        name,
-        autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True),
-        low_cpu_mem_usage=kwargs["low_cpu_mem_usage"],
+    The cheap signals -- keys PEFT could not place, created tensors left unloaded, keys left out --
+    are exact when silent; only when one speaks does the full comparison of the file against what
+    ``save_pretrained`` would write run, to decide and to name the keys.
+    """
+    unloaded = False
+    for key in getattr(result, "missing_keys", []):
+        tensor, new = snapshot.resolve(peft_model, key)
+        if tensor is not None and new and id(tensor) not in report.loaded_ids:
+            unloaded = True
+            break
+    if report.calls and not (unloaded or report.dropped or getattr(result, "unexpected_keys", [])):
+        return [], []
+    missing, unexpected = compare(
+        plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=strict
+    )
+    return missing, sorted(set(unexpected) | set(report.dropped))
+
+
+def _refuse(plan: _Plan, expected: Expected, misfit: _Misfit) -> None:
+    """Raise the typed error for a misfit the guard found (the file's own keys named)."""
+    if misfit.wrong_dtype:
+        keys = sorted(misfit.wrong_dtype)
+        raise AdapterWeightsError(
+            f"Adapter weights have the wrong dtype in {os.fspath(plan.weights)!r}: {_fmt_keys(keys)} hold "
+            f"integer or bool values where the adapter's tensors are floating point — the file is "
+            f"corrupt or was written by another tool; re-save the adapter with save_pretrained.",
+            path=plan.weights,
+            unexpected_keys=keys,
+        )
+    # Shapes and keys: the full comparison names them as the file does.
+    compare(plan.header, expected, path=plan.weights, strict=True)
+    keys = sorted(misfit.landed + misfit.mismatched)
+    raise AdapterWeightsError(
+        f"Adapter weights do not fit this model in {os.fspath(plan.weights)!r}: {_fmt_keys(keys)} would "
+        f"overwrite tensors the adapter does not own — re-save the adapter with save_pretrained.",
+        path=plan.weights,
+        unexpected_keys=keys,
     )
 
 
-def _split_kwargs(peft_kwargs: dict[str, Any]) -> tuple[PeftConfig | None, dict[str, Any], dict[str, Any]]:
-    """``(config, hub kwargs, the rest for PEFT)``; the caller's dict is not changed."""
-    rest = dict(peft_kwargs)
-    for forbidden in ("is_trainable", "model_id"):
-        if forbidden in rest:
-            raise TypeError(
-                f"{forbidden}= is decided by safe_lora — use load_for_training or load_for_inference instead."
-            )
-    config = rest.pop("config", None)
-    hub = {k: rest.pop(k) for k in HUB_KWARGS if k in rest}
-    return config, hub, rest
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
 
 
 def _normalise(adapter: Adapters, adapter_name: str) -> dict[str, AdapterSource]:
@@ -366,8 +653,8 @@ def _load(
             name=active,
             available=sources,
         )
-    config, hub, rest = _split_kwargs(peft_kwargs)
-    if config is not None and len(sources) > 1:
+    options = _split_kwargs(peft_kwargs)
+    if options.config is not None and len(sources) > 1:
         raise TypeError("config= applies to a single adapter; pass one adapter path, not a mapping.")
 
     # Everything on disk is checked for every adapter before the first one touches the model.
@@ -379,24 +666,26 @@ def _load(
             training=training,
             dropout=dropout,
             allow_pickle=allow_pickle,
-            config=config,
-            hub_kwargs=hub,
+            options=options,
         )
         for name, source in sources.items()
     ]
 
-    with _rollback_on_error(model) as snapshot:
+    with rollback_on_error(model) as snapshot:
         target: nn.Module = model
         for plan in plans:
-            target = _attach(target, plan, training=training, strict=strict, rest=rest, snapshot=snapshot)
+            target = _attach(
+                target, plan, training=training, strict=strict, options=options, snapshot=snapshot
+            )
         assert isinstance(target, PeftModel)
         peft_model = target
         if active != peft_model.active_adapter:
             peft_model.set_adapter(active, inference_mode=not training)
         result: nn.Module = peft_model
         if merge:
-            check_mergeable(peft_model, active)
-            result = peft_model.merge_and_unload()
+            with _peft_warnings() as replay:
+                result = merge_adapter(peft_model, active)
+            replay()
         _set_mode(result, training=training)
     return result
 
@@ -451,20 +740,25 @@ def load_for_inference(
 ) -> nn.Module:
     """Load a PEFT adapter for inference: deterministic, frozen, validated before anything changes.
 
+    The model is bit-identical to ``PeftModel.from_pretrained(model, adapter).eval()`` (same PEFT
+    code, same defaults), except for what is documented here: dropout rates, modes, gradients.
+
     Args:
         model: The base model (e.g. from ``AutoModelForCausalLM.from_pretrained``).
-        adapter: A folder written by ``save_pretrained``, a cached hub repo id, or a
-            ``{name: folder}`` mapping to load several adapters onto one base.
+        adapter: A folder written by ``save_pretrained``, a hub repo id, or a ``{name: folder}``
+            mapping to load several adapters onto one base.
         adapter_name: The name of a single adapter inside the ``PeftModel``.
         active: With a mapping, the adapter to activate (default: the first).
         dropout: The rate every dropout of the adapter's config is set to (on a copy); ``0.0``
             removes the dropout layers altogether, ``None`` keeps the saved rates.
-        merge: Return the plain base model with the active adapter merged into its weights.
+        merge: Return the plain base model with the active adapter merged into its weights
+            (``merge_and_unload``), after every layer was shown to merge.
         strict: Refuse missing or unexpected adapter keys; ``False`` warns and loads what fits.
         allow_pickle: Allow ``adapter_model.bin`` (pickle) when there is no safetensors file.
-        **peft_kwargs: Passed on to ``PeftModel.from_pretrained`` (``config=``, ``revision=``,
-            ``subfolder=``, ``autocast_adapter_dtype=``, ...). A ``config`` object is copied, never
-            modified.
+        **peft_kwargs: ``PeftModel.from_pretrained``'s keywords (``config=``, ``revision=``,
+            ``subfolder=``, ``autocast_adapter_dtype=``, ``low_cpu_mem_usage=``,
+            ``ephemeral_gpu_offload=``, ``torch_device=``, ...). A ``config`` object is copied, never
+            modified. An unknown keyword raises ``TypeError``.
 
     Returns:
         The ``PeftModel`` (or, with ``merge=True``, the merged base model) with every module in
@@ -475,7 +769,7 @@ def load_for_inference(
         AdapterConfigError: The config is unreadable, of an unknown type, or targets nothing here.
         AdapterWeightsError: The weights are corrupt, non-finite, or do not fit the config and model.
         UnsafeAdapterError: Only pickle weights exist and ``allow_pickle`` is false.
-        AdapterMergeError: ``merge=True`` for a tuner that cannot merge.
+        AdapterMergeError: ``merge=True`` for a tuner or layer that cannot merge.
 
     Example:
         >>> model = load_for_inference(base, "out/my-adapter")  # doctest: +SKIP
@@ -508,17 +802,19 @@ def load_for_training(
 ) -> PeftModel:
     """Load a PEFT adapter to continue training it: every module in train mode, adapter trainable.
 
+    The tensors are bit-identical to ``PeftModel.from_pretrained(model, adapter, is_trainable=True)``'s.
+
     Args:
         model: The base model. It may come in eval mode (as ``from_pretrained`` returns it); every
             module of the result is in train mode all the same.
-        adapter: A folder written by ``save_pretrained``, a cached hub repo id, or a
-            ``{name: folder}`` mapping.
+        adapter: A folder written by ``save_pretrained``, a hub repo id, or a ``{name: folder}``
+            mapping.
         adapter_name: The name of a single adapter inside the ``PeftModel``.
         active: With a mapping, the adapter to activate (default: the first).
         dropout: When not ``None``, the rate every dropout of the adapter's config is set to (on a copy).
         strict: Refuse missing or unexpected adapter keys; ``False`` warns and loads what fits.
         allow_pickle: Allow ``adapter_model.bin`` (pickle) when there is no safetensors file.
-        **peft_kwargs: Passed on to ``PeftModel.from_pretrained``; a ``config`` object is copied.
+        **peft_kwargs: ``PeftModel.from_pretrained``'s keywords; a ``config`` object is copied.
 
     Returns:
         The ``PeftModel`` in train mode, the adapter's parameters ``requires_grad=True`` and the
@@ -547,94 +843,3 @@ def load_for_training(
     )
     assert isinstance(result, PeftModel)
     return result
-
-
-def load_adapter(
-    model: PeftModel,
-    adapter: AdapterSource,
-    *,
-    adapter_name: str,
-    dropout: float | Literal["auto"] | None = "auto",
-    strict: bool = True,
-    allow_pickle: bool = False,
-    **peft_kwargs: Any,
-) -> PeftModel:
-    """Load one more adapter into a model from :func:`load_for_inference` / :func:`load_for_training`.
-
-    The same checks as single loading run first; then the adapter is added without disturbing
-    anything else: every module's mode, the active adapter(s) and every existing parameter's
-    ``requires_grad`` stay as they were (PEFT's own ``load_adapter`` switches the whole model to
-    eval). In an inference model the new adapter gets zero dropout and no gradients; in a training
-    model it is trainable, like the first one.
-
-    Args:
-        model: A ``PeftModel`` holding at least one adapter.
-        adapter: A folder written by ``save_pretrained`` or a cached hub repo id.
-        adapter_name: The new adapter's name; must not be taken.
-        dropout: ``"auto"`` zeroes dropout in an inference model and keeps the saved rates in a
-            training model; a float or ``None`` as for :func:`load_for_inference`.
-        strict: Refuse missing or unexpected adapter keys.
-        allow_pickle: Allow ``adapter_model.bin`` when there is no safetensors file.
-        **peft_kwargs: Passed on to ``PeftModel.load_adapter``; a ``config`` object is copied.
-
-    Returns:
-        ``model``, with the adapter added (not activated: use :func:`use_adapter`).
-
-    Raises:
-        AdapterExistsError: ``adapter_name`` is already taken.
-        AdapterNotFoundError, AdapterConfigError, AdapterWeightsError, UnsafeAdapterError: As for
-            :func:`load_for_inference`; the model is left exactly as it was.
-
-    Example:
-        >>> model = load_for_inference(base, {"chat": "out/chat"})  # doctest: +SKIP
-        >>> load_adapter(model, "out/sql", adapter_name="sql")  # doctest: +SKIP
-        >>> with use_adapter(model, "sql"):  # doctest: +SKIP
-        ...     model.generate(**batch)
-    """
-    if not isinstance(model, PeftModel):
-        raise TypeError(
-            f"load_adapter adds to a PeftModel, found {type(model).__name__} — load the first adapter "
-            f"with load_for_inference or load_for_training."
-        )
-    if adapter_name in model.peft_config:
-        raise AdapterExistsError(
-            f"Adapter name taken: the model already holds {sorted(model.peft_config)} — pass a new "
-            f"adapter_name, or delete the old one with model.delete_adapter({adapter_name!r}).",
-            name=adapter_name,
-            available=model.peft_config,
-        )
-    training = not all(getattr(c, "inference_mode", False) for c in model.peft_config.values())
-    if dropout == "auto":
-        dropout = None if training else 0.0
-    config, hub, rest = _split_kwargs(peft_kwargs)
-    plan = _plan(
-        model,
-        adapter,
-        name=adapter_name,
-        training=training,
-        dropout=dropout,
-        allow_pickle=allow_pickle,
-        config=config,
-        hub_kwargs=hub,
-    )
-    active = list(model.active_adapters)
-    modes = ModeSnapshot(model)
-    with _rollback_on_error(model) as snapshot:
-        _attach(model, plan, training=training, strict=strict, rest=rest, snapshot=snapshot)
-        _activate(model, active)
-        # New modules take the root's mode; everything that existed gets its own flag back.
-        model.train(modes.flags[0][1])
-        for name, param in model.named_parameters():
-            if f".{adapter_name}." in f".{name}.":
-                param.requires_grad_(training)
-        modes.restore()
-    return model
-
-
-def _activate(model: PeftModel, names: list[str]) -> None:
-    """Make exactly ``names`` active without PEFT's side effect of switching gradients on."""
-    if len(names) == 1:
-        model.set_adapter(names[0], inference_mode=True)
-    else:
-        tuner: Any = model.base_model
-        tuner.set_adapter(names, inference_mode=True)

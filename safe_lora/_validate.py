@@ -1,28 +1,24 @@
 """Check an adapter's files against what a model expects, without a second copy of any weights.
 
 The safetensors header is read without loading a tensor and compared with the keys and shapes
-the injected (still empty) adapter expects; values are checked for NaN/inf once loaded; and a
-merge is tried first on a meta-device skeleton (same module tree, no storage).
+the injected (still empty) adapter expects; values are checked for NaN/inf once loaded.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
-from safe_lora.errors import AdapterMergeError, AdapterWeightsError, _fmt_keys
+from safe_lora.errors import AdapterWeightsError, _fmt_keys
 
 Shape = tuple[int, ...]
 
@@ -106,23 +102,6 @@ def check_finite(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> Non
         )
 
 
-def meta_skeleton(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers live on the meta device.
-
-    Module types, names, attributes and tied weights are kept (the deepcopy memo maps each tensor
-    to one meta twin), but no storage is allocated, so this costs a walk of the module tree.
-    """
-    memo: dict[int, Any] = {}
-    for tensor in chain(model.parameters(), model.buffers()):
-        if id(tensor) in memo:
-            continue
-        meta = torch.empty_like(tensor, device="meta")
-        if isinstance(tensor, nn.Parameter):
-            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
-        memo[id(tensor)] = meta
-    return copy.deepcopy(model, memo)
-
-
 @dataclass
 class Expected:
     """The adapter keys and shapes a model with the adapter injected holds, in saved form."""
@@ -151,40 +130,6 @@ def expected_keys(peft_model: PeftModel, adapter_name: str) -> Expected:
     """
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
     return Expected(peft_model, adapter_name, {k: tuple(v.shape) for k, v in state.items()})
-
-
-def check_mergeable(peft_model: PeftModel, adapter_name: str) -> None:
-    """Merge ``adapter_name`` on a meta skeleton of ``peft_model``; raise if PEFT cannot.
-
-    Merging on meta tensors runs every layer's merge code without any arithmetic, so an unsupported
-    tuner or layer type fails here and never half-way through merging the real weights (which could
-    not be rolled back without a second copy of them).
-
-    Raises:
-        AdapterMergeError: The tuner or one of its layers cannot merge.
-    """
-    raw_type = getattr(peft_model.peft_config[adapter_name], "peft_type", "unknown")
-    peft_type = str(getattr(raw_type, "value", raw_type))
-    skeleton: Any = meta_skeleton(peft_model)
-    tuner = skeleton.base_model
-    if not hasattr(tuner, "merge_and_unload"):
-        raise AdapterMergeError(
-            f"Cannot merge a {peft_type} adapter: the tuner has no merge_and_unload — expected a tuner "
-            f"that adds weights to the base layers (LoRA, LoHa, LoKr, IA3, ...) — load it with "
-            f"merge=False.",
-            peft_type=peft_type,
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            skeleton.set_adapter(adapter_name, inference_mode=True)
-            tuner.merge_and_unload()
-    except Exception as exc:
-        raise AdapterMergeError(
-            f"Cannot merge this {peft_type} adapter into the base weights: {exc} — load it with "
-            f"merge=False and serve it unmerged.",
-            peft_type=peft_type,
-        ) from exc
 
 
 def compare(

@@ -1,0 +1,244 @@
+"""Undo a failed load exactly: the module tree, every flag, and the values PEFT may write in place.
+
+A load changes a model in three ways, each undone differently and each kept cheap:
+
+* **Structure** -- PEFT replaces target modules by tuner layers and adds entries to their
+  ``ModuleDict``s. Each module's ``__dict__`` is copied shallowly (references, no tensor copied) and
+  put back on failure. Adding an adapter never rewires another adapter's own modules, so the
+  entries of an existing adapter (``lora_A["a0"]``, ...) are *sealed*: not walked, not copied. That
+  keeps the cost of the N-th ``load_adapter`` independent of N.
+* **Tensor identity** -- some of PEFT's initialisations swap a base weight's storage
+  (``weight.data = residual``). A reference to every captured tensor's ``.data`` brings the old
+  storage back; again nothing is copied.
+* **Values written in place** -- only a few code paths write into existing storage (OLoRA's residual,
+  quantized weights re-packed, a bias an adapter saves). The loader names those tensors up front
+  (:meth:`Snapshot.backup`) and only their values are copied, so a plain LoRA load copies no weight.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+__all__ = ["Snapshot", "rollback_on_error"]
+
+# The per-adapter containers of tuner layers and auxiliary wrappers: their entries, keyed by adapter
+# name, are one adapter's own modules.
+_ADAPTER_DICTS = (nn.ModuleDict, nn.ParameterDict)
+
+
+def _shallow(value: Any) -> Any:
+    # .copy() keeps the type (OrderedDict for hooks) and is far cheaper than copy.copy: this runs
+    # for every attribute of every captured module on each load.
+    return value.copy() if isinstance(value, (dict, set, list)) else value
+
+
+class Snapshot:
+    """What a load can change in ``model``, captured by reference before PEFT runs.
+
+    Args:
+        model: The model about to be loaded into (a base model or a ``PeftModel``).
+
+    Example:
+        >>> snap = Snapshot(model)  # doctest: +SKIP
+        >>> snap.backup(model.fc1.weight)  # about to be written in place  # doctest: +SKIP
+        >>> snap.restore()  # exactly as before  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.root = model
+        # module -> its __dict__ as it was (shallow); insertion order is the walk order.
+        self.modules: dict[nn.Module, dict[str, Any]] = {}
+        # Roots of existing adapters' own subtrees: pre-existing, not captured, never rewired.
+        self.sealed: set[nn.Module] = set()
+        self.grads: list[tuple[torch.Tensor, bool]] = []
+        # (tensor, alias of its storage, its own attributes -- e.g. a bnb weight's quant_state).
+        self._data: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]] = []
+        # (tensor, alias of its storage, copy of its values, deep copy of its own attributes).
+        self._values: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any] | None]] = []
+        self._backed_up: set[int] = set()
+        seen_params: set[int] = set()
+
+        stack = [model]
+        while stack:
+            module = stack.pop()
+            if module in self.modules:
+                continue
+            state = vars(module)
+            self.modules[module] = {k: _shallow(v) for k, v in state.items()}
+            for slot in ("_parameters", "_buffers"):
+                for tensor in state.get(slot, {}).values():
+                    if tensor is None or id(tensor) in seen_params:
+                        continue
+                    seen_params.add(id(tensor))
+                    if slot == "_parameters":
+                        self.grads.append((tensor, tensor.requires_grad))
+                    own = vars(tensor)
+                    self._data.append((tensor, tensor.data, dict(own) if own else None))
+            children = state.get("_modules", {})
+            opens = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+            for child in children.values():
+                if child is None:
+                    continue
+                if opens and isinstance(child, _ADAPTER_DICTS):
+                    # Capture the container (new keys are removed on restore), seal its entries.
+                    self.modules[child] = {k: _shallow(v) for k, v in vars(child).items()}
+                    for tensor in child._parameters.values():  # ParameterDict entries
+                        if tensor is not None and id(tensor) not in seen_params:
+                            seen_params.add(id(tensor))
+                            self.grads.append((tensor, tensor.requires_grad))
+                    for entry in child._modules.values():
+                        if entry is not None:
+                            self.sealed.add(entry)
+                            for param in entry.parameters():
+                                if id(param) not in seen_params:
+                                    seen_params.add(id(param))
+                                    self.grads.append((param, param.requires_grad))
+                    continue
+                stack.append(child)
+
+    # ----------------------------------------------------------------------------------------------
+    # What a load may overwrite in place
+    # ----------------------------------------------------------------------------------------------
+
+    def backup(self, tensor: torch.Tensor) -> None:
+        """Keep a copy of ``tensor``'s values (and of its own attributes, e.g. a quant state).
+
+        For the few tensors a load may write *in place*; each is copied once, however often named.
+        """
+        if id(tensor) in self._backed_up:
+            return
+        self._backed_up.add(id(tensor))
+        own = vars(tensor)
+        # The attributes of a quantized weight (bnb's quant_state, SCB, ...) are objects that may be
+        # rebuilt in place: deep-copied, they are small next to the weight.
+        attrs = copy.deepcopy(dict(own)) if own else None
+        with torch.no_grad():
+            self._values.append((tensor, tensor.data, tensor.detach().clone(), attrs))
+
+    # ----------------------------------------------------------------------------------------------
+    # Questions the loader asks
+    # ----------------------------------------------------------------------------------------------
+
+    def resolve(self, root: nn.Module, key: str) -> tuple[torch.Tensor | None, bool]:
+        """The tensor a state-dict ``key`` of ``root`` names, and whether the load created it.
+
+        ``root`` is the model the key is relative to: the captured model, or the ``PeftModel``
+        built around it.
+
+        A tensor is pre-existing when it sits in a captured module's original parameters or
+        buffers, or anywhere below a sealed (existing adapter's) module.
+
+        Returns:
+            ``(tensor, is_new)``; ``(None, False)`` when the key names nothing.
+        """
+        module: nn.Module | None = root
+        *path, leaf = key.split(".")
+        inside_sealed = False
+        for part in path:
+            if module in self.sealed:
+                inside_sealed = True
+            module = module._modules.get(part) if module is not None else None
+            if module is None:
+                return None, False
+        assert module is not None
+        inside_sealed = inside_sealed or module in self.sealed
+        tensor: torch.Tensor | None = module._parameters.get(leaf)
+        slot = "_parameters"
+        if tensor is None:
+            tensor = module._buffers.get(leaf)
+            slot = "_buffers"
+        if tensor is None:
+            return None, False
+        if inside_sealed:
+            return tensor, False
+        saved = self.modules.get(module)
+        if saved is None:
+            return tensor, True
+        return tensor, not any(t is tensor for t in saved.get(slot, {}).values())
+
+    def new_subtrees(self) -> Iterator[tuple[nn.Module, nn.Module]]:
+        """``(parent, child)`` for every module the load added below a captured module."""
+        for module in self.modules:
+            for child in module._modules.values():
+                if child is not None and child not in self.modules and child not in self.sealed:
+                    yield module, child
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Every parameter the load created (in new modules or new entries of existing ones)."""
+        known = {id(t) for t, _ in self.grads}
+        found: list[nn.Parameter] = []
+        for module in self.modules:
+            for param in module._parameters.values():
+                if param is not None and id(param) not in known:
+                    known.add(id(param))
+                    found.append(param)
+        for _, child in self.new_subtrees():
+            for param in child.parameters():
+                if id(param) not in known:
+                    known.add(id(param))
+                    found.append(param)
+        return found
+
+    # ----------------------------------------------------------------------------------------------
+    # Putting things back
+    # ----------------------------------------------------------------------------------------------
+
+    def restore_modes(self) -> None:
+        """Give every captured module its ``training`` flag and every captured parameter its
+        ``requires_grad`` back (after a successful add, which PEFT's helpers may have flipped)."""
+        for module, saved in self.modules.items():
+            flag = saved.get("training")
+            if flag is not None and module.training is not flag:
+                module.training = flag
+        self._restore_grads()
+
+    def _restore_grads(self) -> None:
+        for tensor, requires_grad in self.grads:
+            if tensor.requires_grad is not requires_grad:
+                tensor.requires_grad_(requires_grad)
+
+    def restore(self) -> None:
+        """Put everything captured back: structure, storage, values, flags and ``requires_grad``."""
+        for module, saved in self.modules.items():
+            state = vars(module)
+            state.clear()
+            state.update({k: _shallow(v) for k, v in saved.items()})
+        with torch.no_grad():
+            for tensor, data, own in self._data:
+                tensor.data = data
+                if own is not None or vars(tensor):
+                    vars(tensor).clear()
+                    vars(tensor).update(own or {})
+            for tensor, data, value, attrs in self._values:
+                tensor.data = data
+                data.copy_(value)
+                if attrs is not None:
+                    # A quantized weight's state object may have been rebuilt in place.
+                    vars(tensor).clear()
+                    vars(tensor).update(copy.deepcopy(attrs))
+        self._restore_grads()
+
+
+@contextmanager
+def rollback_on_error(model: nn.Module) -> Iterator[Snapshot]:
+    """Capture ``model``; on any exception (``KeyboardInterrupt`` too) restore it and re-raise."""
+    snapshot = Snapshot(model)
+    try:
+        yield snapshot
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def backup_all(snapshot: Snapshot, tensors: Iterable[torch.Tensor]) -> None:
+    """:meth:`Snapshot.backup` for each of ``tensors``."""
+    for tensor in tensors:
+        snapshot.backup(tensor)
