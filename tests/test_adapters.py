@@ -1,4 +1,5 @@
-"""Several adapters on one base: load_for_inference({...}), load_adapter, use_adapter (issue 6)."""
+"""Several adapters on one base: load_for_inference({...}), load_adapter (add and replace=True),
+use_adapter and set_active_adapter (issues 6 and 12)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from safe_lora import (
     AdapterExistsError,
     AdapterWeightsError,
     UnknownAdapterError,
+    deterministic_lora,
     load_adapter,
     load_for_inference,
     load_for_training,
+    set_active_adapter,
     use_adapter,
 )
 
@@ -188,7 +191,7 @@ def test_load_adapter_into_training_model_keeps_mode_and_grads(adapters: dict[st
 
 def test_load_adapter_refuses_a_taken_name(adapters: dict[str, Path]) -> None:
     model = load_for_inference(make_mlp(), adapters["a"])
-    with pytest.raises(AdapterExistsError, match=r"already holds \['default'\].*pass a new adapter_name"):
+    with pytest.raises(AdapterExistsError, match=r"already holds \['default'\].*pass a new adapter_name.*replace=True"):
         load_adapter(model, adapters["b"], adapter_name="default")
 
 
@@ -202,3 +205,220 @@ def test_merged_serving_of_the_chosen_adapter(adapters: dict[str, Path]) -> None
     assert type(merged) is MLP
     assert no_grads(merged)
     torch.testing.assert_close(merged(X), alone(adapters["c"]))
+
+
+# --- replace=True: new weights in place, or nothing changes (issue 12) --------------------------
+
+
+def _variant(tmp_path: Path, name: str, seed: int, **changes: object) -> Path:
+    """A second training run of adapter "a" (same config unless ``changes``), other weights."""
+    config = LoraConfig(**{**CONFIGS["a"].to_dict(), **changes})  # type: ignore[arg-type]
+    return save_adapter(make_mlp(), config, tmp_path / name, seed=seed)
+
+
+def identities(model: nn.Module) -> dict[str, tuple[int, torch.dtype, torch.device]]:
+    return {n: (id(p), p.dtype, p.device) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("loader", [load_for_inference, load_for_training])
+@pytest.mark.parametrize("alpha", [8, 24])  # the same scaling, and one that must be updated
+def test_replace_writes_in_place_and_equals_a_fresh_load(
+    adapters: dict[str, Path], tmp_path: Path, loader: object, alpha: int
+) -> None:
+    model = loader(make_mlp(), adapters["a"])  # type: ignore[operator]
+    new = _variant(tmp_path, "a2", seed=7, lora_alpha=alpha)
+    before_ids = identities(model)
+    modes = {n: m.training for n, m in model.named_modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    returned = load_adapter(model, new, adapter_name="default", replace=True)
+
+    assert returned is model
+    assert identities(model) == before_ids  # same tensor objects, dtypes and devices
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    fresh = loader(make_mlp(), new)  # type: ignore[operator]
+    for (name, value), (_, expected) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(value, expected), name
+    assert model.base_model.model.fc1.scaling["default"] == fresh.base_model.model.fc1.scaling["default"]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(X), fresh.eval()(X))
+    assert model.peft_config["default"].lora_alpha == alpha
+
+
+def test_a_training_model_keeps_training_after_replace(adapters: dict[str, Path], tmp_path: Path) -> None:
+    model = load_for_training(make_mlp(), adapters["a"])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    load_adapter(model, _variant(tmp_path, "a2", seed=3), adapter_name="default", replace=True)
+    a = model.base_model.model.fc1.lora_A["default"].weight
+    swapped = a.detach().clone()
+    model(X).pow(2).sum().backward()
+    optimizer.step()  # the optimizer still holds the very parameters that got the new values
+    assert not torch.equal(a, swapped)
+
+
+def _nan_weights(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors["base_model.model.fc1.lora_B.weight"][0, 0] = float("nan")
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+def _drop_key(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    del tensors["base_model.model.fc1.lora_A.weight"]
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+REFUSED_REPLACEMENTS = [
+    ("nan", {}, _nan_weights, AdapterWeightsError, r"NaN or inf.*fc1\.lora_B\.weight"),
+    ("other rank", {"r": 2}, None, AdapterConfigError, r"configs differ in r: loaded 4, new 2.*new adapter_name"),
+    ("missing key", {}, _drop_key, AdapterWeightsError, r"missing 1 key.*fc1\.lora_A\.weight"),
+    ("other targets", {"target_modules": ["fc2"]}, None, AdapterWeightsError, r"fc2\.lora_A\.weight"),
+    ("dora", {"use_dora": True}, None, AdapterConfigError, r"use_dora: loaded False, new True"),
+]
+
+
+@pytest.mark.parametrize("loader", [load_for_inference, load_for_training])
+@pytest.mark.parametrize(
+    ("case", "changes", "breakage", "error", "match"), REFUSED_REPLACEMENTS, ids=[c[0] for c in REFUSED_REPLACEMENTS]
+)
+def test_a_refused_replacement_changes_nothing(
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    loader: object,
+    case: str,
+    changes: dict[str, object],
+    breakage: object,
+    error: type[Exception],
+    match: str,
+) -> None:
+    model = loader(make_mlp(), adapters["a"])  # type: ignore[operator]
+    new = _variant(tmp_path, "a2", seed=5, **changes)
+    if breakage is not None:
+        breakage(new)  # type: ignore[operator]
+    before = snapshot(model)
+    scaling = dict(model.base_model.model.fc1.scaling)
+    with deterministic_lora(model), torch.no_grad():  # a training model has live dropout
+        expected = model(X)
+    with pytest.raises(error, match=match):
+        load_adapter(model, new, adapter_name="default", replace=True)
+    assert_unchanged(model, before)
+    assert model.base_model.model.fc1.scaling == scaling
+    with deterministic_lora(model), torch.no_grad():
+        assert torch.equal(model(X), expected)
+
+
+def test_replacing_with_another_tuner_is_refused(adapters: dict[str, Path], tmp_path: Path) -> None:
+    from peft import LoHaConfig
+
+    model = load_for_inference(make_mlp(), adapters["a"])
+    loha = save_adapter(make_mlp(), LoHaConfig(target_modules=["fc1"], r=4, init_weights=False), tmp_path / "h")
+    before = snapshot(model)
+    with pytest.raises(AdapterConfigError, match=r"expected a LORA adapter, found LOHA.*new adapter_name"):
+        load_adapter(model, loha, adapter_name="default", replace=True)
+    assert_unchanged(model, before)
+
+
+def test_replace_needs_a_loaded_name(adapters: dict[str, Path]) -> None:
+    model = load_for_inference(make_mlp(), adapters["a"])
+    with pytest.raises(UnknownAdapterError, match=r"Cannot replace adapter 'b'.*replace=False to add"):
+        load_adapter(model, adapters["a"], adapter_name="b", replace=True)
+
+
+def test_a_compiled_model_serves_the_swapped_weights_without_recompiling(
+    adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    model = load_for_inference(make_mlp(), adapters["a"])
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        first = compiled(X)
+        compiled(X)
+    compiles = counter.frame_count
+    assert compiles >= 1
+    new = _variant(tmp_path, "a2", seed=11)
+    load_adapter(compiled, new, adapter_name="default", replace=True)  # the compiled wrapper is accepted
+    with torch.no_grad():
+        served = compiled(X)
+    assert counter.frame_count == compiles  # zero recompiles
+    assert torch.equal(served, load_for_inference(make_mlp(), new)(X))
+    assert not torch.equal(served, first)
+
+
+def test_delete_then_load_again_works_like_a_first_load(adapters: dict[str, Path]) -> None:
+    """PEFT keeps a stale active name after the last adapter is deleted; its load_adapter then
+    fails with KeyError('default')."""
+    model = load_for_inference(make_mlp(), adapters["a"])
+    model.delete_adapter("default")
+    load_adapter(model, adapters["c"], adapter_name="default")
+    assert model.active_adapters == ["default"]
+    assert no_grads(model)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(X), alone(adapters["c"]))
+
+
+# --- set_active_adapter: a permanent switch without PEFT's side effects (issue 12) ---------------
+
+
+@pytest.mark.parametrize("loader", [load_for_inference, load_for_training])
+def test_set_active_adapter_keeps_modes_and_every_requires_grad(adapters: dict[str, Path], loader: object) -> None:
+    model = loader(make_mlp(), {"a": adapters["a"], "b": adapters["b"]})  # type: ignore[operator]
+    model.base_model.model.fc2.eval()  # frozen on purpose
+    grads = grad_flags(model)
+    modes = {n: m.training for n, m in model.named_modules()}
+
+    set_active_adapter(model, "b")
+
+    assert model.active_adapters == ["b"]
+    assert model.active_adapter == "b"
+    assert grad_flags(model) == grads
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    raw = PeftModel.from_pretrained(make_mlp(), str(adapters["a"]), adapter_name="a")
+    raw.load_adapter(str(adapters["b"]), "b")
+    raw.set_adapter("b")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(X), raw.eval()(X))
+
+
+def test_set_active_adapter_combines_several(adapters: dict[str, Path]) -> None:
+    model = load_for_inference(make_mlp(), adapters)
+    set_active_adapter(model, ["a", "c"])
+    assert model.active_adapters == ["a", "c"]
+    assert no_grads(model)
+    raw = PeftModel.from_pretrained(make_mlp(), str(adapters["a"]), adapter_name="a")
+    raw.load_adapter(str(adapters["c"]), "c")
+    raw.base_model.set_adapter(["a", "c"])
+    with torch.no_grad():
+        assert torch.equal(model(X), raw.eval()(X))
+
+
+def test_set_active_adapter_refuses_an_unknown_name_and_changes_nothing(adapters: dict[str, Path]) -> None:
+    model = load_for_inference(make_mlp(), adapters)
+    before = snapshot(model)
+    with pytest.raises(UnknownAdapterError, match=r"expected one of \['a', 'b', 'c'\], found 'z'"):
+        set_active_adapter(model, ["b", "z"])
+    assert model.active_adapters == ["a"]
+    assert_unchanged(model, before)
+
+
+def test_switching_adapters_with_modules_to_save_keeps_grads(tmp_path: Path) -> None:
+    """modules_to_save wrappers have their own set_adapter: PEFT's path, grads put back."""
+    configs = {
+        n: LoraConfig(target_modules=["fc1"], modules_to_save=["fc2"], r=2, init_lora_weights=False) for n in "ab"
+    }
+    paths = {n: save_adapter(make_mlp(), c, tmp_path / n, seed=i) for i, (n, c) in enumerate(configs.items())}
+    model = load_for_training(make_mlp(), paths)
+    grads = grad_flags(model)
+    with use_adapter(model, "b"):
+        assert grad_flags(model) == grads
+        with torch.no_grad():
+            inside = model.eval()(X)
+    assert grad_flags(model) == grads
+    assert torch.equal(inside, load_for_inference(make_mlp(), paths["b"])(X))
