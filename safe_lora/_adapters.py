@@ -22,7 +22,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 
 from safe_lora._config import dropout_rates
-from safe_lora._loading import AdapterSource, _attach, _peft_type, _Plan, _plan, _split_kwargs
+from safe_lora._loading import AdapterSource, _attach, _peft_type, _Plan, _plan, _split_kwargs, base_of
 from safe_lora._rollback import rollback_on_error
 from safe_lora._validate import compare, expected_keys
 from safe_lora.errors import (
@@ -262,10 +262,15 @@ def load_adapter(
         _replace(peft_model, plan, training=training)
         return peft_model
 
-    active = list(peft_model.active_adapters)
+    # After delete_adapter removed the last adapter, PEFT keeps a stale active name: the model is
+    # then empty, and the adapter loaded into it becomes the active one, as a first load would.
+    active = [a for a in peft_model.active_adapters if a in peft_model.peft_config] or [adapter_name]
     with rollback_on_error(peft_model) as snapshot:
         _attach(peft_model, plan, training=training, strict=strict, options=options, snapshot=snapshot)
-        if list(peft_model.active_adapters) != active:
+        if (
+            list(peft_model.active_adapters) != active
+            or peft_model.active_adapter not in peft_model.peft_config
+        ):
             _switch(peft_model, active)
         # Everything that existed keeps its own mode and requires_grad; what is new follows its
         # parent's mode and the model's kind (trainable only in a training model).
@@ -381,7 +386,7 @@ def _lora_scalings(model: PeftModel, name: str, config: PeftConfig) -> list[tupl
     rank_pattern: dict[str, int] = dict(getattr(config, "rank_pattern", None) or {})
     alpha_pattern: dict[str, float] = dict(getattr(config, "alpha_pattern", None) or {})
     found: list[tuple[nn.Module, float, float]] = []
-    for key, module in model.get_base_model().named_modules():
+    for key, module in base_of(model).named_modules():
         scaling = getattr(module, "scaling", None)
         if not isinstance(module, nn.Module) or not isinstance(module, BaseTunerLayer):
             continue

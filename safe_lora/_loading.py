@@ -192,8 +192,23 @@ def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
 # --------------------------------------------------------------------------------------------------
 
 
+def base_of(model: nn.Module) -> nn.Module:
+    """The base model inside a ``PeftModel`` (or ``model`` itself).
+
+    Unlike ``PeftModel.get_base_model`` this also works once the last adapter was deleted (PEFT
+    then keeps a stale active adapter name, and ``get_base_model`` raises ``KeyError``).
+    """
+    if not isinstance(model, PeftModel):
+        return model
+    tuner: nn.Module = model.base_model
+    if getattr(model, "_is_prompt_learning", False):
+        return tuner
+    inner = tuner._modules.get("model")
+    return inner if inner is not None else tuner
+
+
 def _name_or_path(model: nn.Module) -> str:
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = base_of(model)
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", "")
     return str(name or "")
 
@@ -292,7 +307,7 @@ def _is_quantized(tensor: torch.Tensor) -> bool:
 
 def _targets(model: nn.Module, config: PeftConfig) -> list[nn.Module]:
     """The modules PEFT will adapt for ``config``, by PEFT's own matching; every module if unsure."""
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner = base_of(model)
     modules = [(k, m) for k, m in inner.named_modules() if k and not isinstance(m, BaseTunerLayer)]
     try:
         probe = _maybe_include_all_linear_layers(copy.deepcopy(config), inner)
@@ -514,7 +529,7 @@ def _inject(
         )
         return peft_model
     except Exception as exc:  # PEFT raises ValueError/TypeError/KeyError/RuntimeError for bad configs
-        base = target.get_base_model() if isinstance(target, PeftModel) else target
+        base = base_of(target)
         raise AdapterConfigError(
             f"Adapter config does not fit this model in {os.fspath(plan.files.folder)!r}: {exc} — "
             f"expected a config PEFT can apply to {type(base).__name__} (target modules that exist in "
@@ -536,18 +551,16 @@ def _load_weights(peft_model: PeftModel, plan: _Plan, *, training: bool, options
     renamed = (
         {}
         if config.is_prompt_learning
-        else getattr(peft_model.get_base_model(), "_checkpoint_conversion_mapping", None) or {}
+        else getattr(base_of(peft_model), "_checkpoint_conversion_mapping", None) or {}
     )
     peft_load = dict(options.peft_load)
     if renamed and "key_mapping" not in peft_load:
         peft_load["key_mapping"] = renamed  # what PeftModel.from_pretrained does for renamed models
-    if peft_load or getattr(peft_model.get_base_model(), "hf_device_map", None) is not None:
+    if peft_load or getattr(base_of(peft_model), "hf_device_map", None) is not None:
         return peft_model.load_adapter(
             os.fspath(plan.files.folder), plan.name, is_trainable=training, **options.direct, **peft_load
         )
-    context = (
-        tuner._temporarily_active(plan.name) if config.is_adaption_prompt else nullcontext()
-    )
+    context = tuner._temporarily_active(plan.name) if config.is_adaption_prompt else nullcontext()
     with context:
         result = set_peft_model_state_dict(
             peft_model,

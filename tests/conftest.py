@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,37 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
     model.config.name_or_path = "tiny-llama"
     model.name_or_path = "tiny-llama"
     return model.eval()
+
+
+def llama_in(kind: str, folder: Path) -> nn.Module:
+    """:func:`tiny_llama` in one of the precisions people load adapters into, in eval mode.
+
+    ``kind`` is ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"bnb4"`` (4-bit, fp32 compute), ``"bnb4-bf16"``
+    (4-bit, bf16 compute) or ``"bnb8"``; the quantized ones are loaded from ``folder`` (the
+    :func:`llama_folder` fixture) by transformers, as ``from_pretrained`` users get them.
+    """
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if kind in dtypes:
+        return tiny_llama().to(dtypes[kind])  # type: ignore[no-any-return]
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    quant = {
+        "bnb4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        "bnb4-bf16": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),
+        "bnb8": BitsAndBytesConfig(load_in_8bit=True),
+    }[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes' notes on CPU casts
+        model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`tiny_llama` saved with ``save_pretrained``, for the quantized bases of :func:`llama_in`."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    return folder
 
 
 def save_adapter(

@@ -191,7 +191,9 @@ def test_load_adapter_into_training_model_keeps_mode_and_grads(adapters: dict[st
 
 def test_load_adapter_refuses_a_taken_name(adapters: dict[str, Path]) -> None:
     model = load_for_inference(make_mlp(), adapters["a"])
-    with pytest.raises(AdapterExistsError, match=r"already holds \['default'\].*pass a new adapter_name.*replace=True"):
+    with pytest.raises(
+        AdapterExistsError, match=r"already holds \['default'\].*pass a new adapter_name.*replace=True"
+    ):
         load_adapter(model, adapters["b"], adapter_name="default")
 
 
@@ -238,7 +240,9 @@ def test_replace_writes_in_place_and_equals_a_fresh_load(
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     fresh = loader(make_mlp(), new)  # type: ignore[operator]
-    for (name, value), (_, expected) in zip(model.state_dict().items(), fresh.state_dict().items()):
+    for (name, value), (_, expected) in zip(
+        model.state_dict().items(), fresh.state_dict().items(), strict=True
+    ):
         assert torch.equal(value, expected), name
     assert model.base_model.model.fc1.scaling["default"] == fresh.base_model.model.fc1.scaling["default"]
     with torch.no_grad():
@@ -275,7 +279,13 @@ def _drop_key(path: Path) -> None:
 
 REFUSED_REPLACEMENTS = [
     ("nan", {}, _nan_weights, AdapterWeightsError, r"NaN or inf.*fc1\.lora_B\.weight"),
-    ("other rank", {"r": 2}, None, AdapterConfigError, r"configs differ in r: loaded 4, new 2.*new adapter_name"),
+    (
+        "other rank",
+        {"r": 2},
+        None,
+        AdapterConfigError,
+        r"configs differ in r: loaded 4, new 2.*new adapter_name",
+    ),
     ("missing key", {}, _drop_key, AdapterWeightsError, r"missing 1 key.*fc1\.lora_A\.weight"),
     ("other targets", {"target_modules": ["fc2"]}, None, AdapterWeightsError, r"fc2\.lora_A\.weight"),
     ("dora", {"use_dora": True}, None, AdapterConfigError, r"use_dora: loaded False, new True"),
@@ -284,7 +294,9 @@ REFUSED_REPLACEMENTS = [
 
 @pytest.mark.parametrize("loader", [load_for_inference, load_for_training])
 @pytest.mark.parametrize(
-    ("case", "changes", "breakage", "error", "match"), REFUSED_REPLACEMENTS, ids=[c[0] for c in REFUSED_REPLACEMENTS]
+    ("case", "changes", "breakage", "error", "match"),
+    REFUSED_REPLACEMENTS,
+    ids=[c[0] for c in REFUSED_REPLACEMENTS],
 )
 def test_a_refused_replacement_changes_nothing(
     adapters: dict[str, Path],
@@ -316,7 +328,9 @@ def test_replacing_with_another_tuner_is_refused(adapters: dict[str, Path], tmp_
     from peft import LoHaConfig
 
     model = load_for_inference(make_mlp(), adapters["a"])
-    loha = save_adapter(make_mlp(), LoHaConfig(target_modules=["fc1"], r=4, init_weights=False), tmp_path / "h")
+    loha = save_adapter(
+        make_mlp(), LoHaConfig(target_modules=["fc1"], r=4, init_weights=False), tmp_path / "h"
+    )
     before = snapshot(model)
     with pytest.raises(AdapterConfigError, match=r"expected a LORA adapter, found LOHA.*new adapter_name"):
         load_adapter(model, loha, adapter_name="default", replace=True)
@@ -368,7 +382,9 @@ def test_delete_then_load_again_works_like_a_first_load(adapters: dict[str, Path
 
 
 @pytest.mark.parametrize("loader", [load_for_inference, load_for_training])
-def test_set_active_adapter_keeps_modes_and_every_requires_grad(adapters: dict[str, Path], loader: object) -> None:
+def test_set_active_adapter_keeps_modes_and_every_requires_grad(
+    adapters: dict[str, Path], loader: object
+) -> None:
     model = loader(make_mlp(), {"a": adapters["a"], "b": adapters["b"]})  # type: ignore[operator]
     model.base_model.model.fc2.eval()  # frozen on purpose
     grads = grad_flags(model)
@@ -411,7 +427,8 @@ def test_set_active_adapter_refuses_an_unknown_name_and_changes_nothing(adapters
 def test_switching_adapters_with_modules_to_save_keeps_grads(tmp_path: Path) -> None:
     """modules_to_save wrappers have their own set_adapter: PEFT's path, grads put back."""
     configs = {
-        n: LoraConfig(target_modules=["fc1"], modules_to_save=["fc2"], r=2, init_lora_weights=False) for n in "ab"
+        n: LoraConfig(target_modules=["fc1"], modules_to_save=["fc2"], r=2, init_lora_weights=False)
+        for n in "ab"
     }
     paths = {n: save_adapter(make_mlp(), c, tmp_path / n, seed=i) for i, (n, c) in enumerate(configs.items())}
     model = load_for_training(make_mlp(), paths)
@@ -422,3 +439,17 @@ def test_switching_adapters_with_modules_to_save_keeps_grads(tmp_path: Path) -> 
             inside = model.eval()(X)
     assert grad_flags(model) == grads
     assert torch.equal(inside, load_for_inference(make_mlp(), paths["b"])(X))
+
+
+def test_replace_follows_the_models_mode_for_dropout(adapters: dict[str, Path], tmp_path: Path) -> None:
+    new = _variant(tmp_path, "a2", seed=9, lora_dropout=0.2)
+    training = load_for_training(make_mlp(), adapters["a"])
+    load_adapter(training, new, adapter_name="default", replace=True)
+    dropout = training.base_model.model.fc1.lora_dropout["default"]
+    assert isinstance(dropout, nn.Dropout)
+    assert dropout.p == pytest.approx(0.2)  # the new run's rate, as a new adapter would get
+    assert dropout.training
+    inference = load_for_inference(make_mlp(), adapters["a"])
+    load_adapter(inference, new, adapter_name="default", replace=True)
+    assert isinstance(inference.base_model.model.fc1.lora_dropout["default"], nn.Identity)
+    assert inference.peft_config["default"].lora_dropout == 0.0

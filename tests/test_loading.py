@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import shutil
 import warnings
@@ -483,3 +485,126 @@ def test_transformers_shape_mismatch_leaves_model(tmp_path: Path) -> None:
     assert info.value.mismatched_keys
     assert list(info.value.mismatched_keys) == sorted(info.value.mismatched_keys)
     assert_unchanged(wider, before)
+
+
+# --- PEFT's keywords and warnings pass through (issue 11) ----------------------------------------
+
+
+def _bf16_llama_adapter(tmp_path: Path) -> Path:
+    config = LoraConfig(
+        target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    return save_adapter(tiny_llama(), config, tmp_path / "bf16")
+
+
+def _same_tensors(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_every_from_pretrained_keyword_works_as_in_peft_or_is_refused_by_name(tmp_path: Path) -> None:
+    """Enumerates the installed PEFT's signature: a keyword added by a newer PEFT fails here."""
+    import inspect
+
+    path = _bf16_llama_adapter(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 3, 2]])
+    handled = {"model", "model_id", "kwargs"}
+    for name in inspect.signature(PeftModel.from_pretrained).parameters:
+        if name in handled:
+            continue
+        if name == "is_trainable":
+            with pytest.raises(TypeError, match="is_trainable= is decided by safe_lora"):
+                load_for_inference(tiny_llama(), path, is_trainable=True)
+            continue
+        value: object = {
+            "adapter_name": "mine",
+            "config": LoraConfig.from_pretrained(str(path)),
+            "autocast_adapter_dtype": False,
+            "ephemeral_gpu_offload": True,
+            "low_cpu_mem_usage": True,
+            "key_mapping": {},
+        }[name]  # a KeyError here: a keyword this test (and safe_lora) does not know yet
+        base = tiny_llama().to(torch.bfloat16)
+        ours = load_for_inference(base, path, **{name: value})
+        raw_kwargs = {name: copy.deepcopy(value)}
+        raw = PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), str(path), **raw_kwargs).eval()
+        _same_tensors(ours, raw)
+        with torch.no_grad():
+            assert torch.equal(ours(ids).logits, raw(ids).logits), name
+        if name == "ephemeral_gpu_offload":
+            assert ours.peft_config["default"].runtime_config.ephemeral_gpu_offload is True
+        if name == "adapter_name":
+            assert list(ours.peft_config) == ["mine"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"foo": 1}, r"Unexpected keyword argument foo=.*from_pretrained's keywords"),
+        ({"r": 8}, r"Unexpected keyword argument r=.*config="),
+        ({"ignore_mismatched_sizes": True}, r"ignore_mismatched_sizes=True is not supported"),
+        ({"model_id": "x"}, r"model_id= is decided by safe_lora"),
+    ],
+)
+def test_unknown_or_contradicting_keywords_are_refused_by_name(
+    mlp_adapter: Path, kwargs: dict[str, object], match: str
+) -> None:
+    model = make_mlp()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=match):
+        load_for_inference(model, mlp_adapter, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_torch_device_goes_through_peft_and_gives_the_same_model(mlp_adapter: Path) -> None:
+    direct = load_for_inference(make_mlp(), mlp_adapter)
+    through_peft = load_for_inference(make_mlp(), mlp_adapter, torch_device="cpu")
+    _same_tensors(direct, through_peft)
+
+
+def _peft_messages(caught: list[warnings.WarningMessage]) -> Counter[str]:
+    return Counter(str(w.message) for w in caught if "safe_lora" not in (w.filename or ""))
+
+
+def test_peft_warnings_reach_the_caller_once(tmp_path: Path) -> None:
+    """PEFT's tied-embedding warning, as raw PEFT shows it: same messages, same counts."""
+    llama = functools.partial(tiny_llama, tie_word_embeddings=True)
+    config = LoraConfig(target_modules=["embed_tokens", "q_proj"], r=2, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = save_adapter(llama(), config, tmp_path / "tied")
+    with warnings.catch_warnings(record=True) as raw_caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(llama(), str(path))
+    with warnings.catch_warnings(record=True) as ours_caught:
+        warnings.simplefilter("always")
+        load_for_inference(llama(), path)
+    raw, ours = _peft_messages(raw_caught), _peft_messages(ours_caught)
+    tied = [m for m in raw if "tie_word_embeddings=True" in m and "tied layer is part of the adapter" in m]
+    assert tied  # raw PEFT does warn
+    assert ours == raw
+
+
+def test_a_refused_load_shows_no_peft_warnings(mlp_adapter: Path) -> None:
+    _edit_weights(_reshape)(mlp_adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(AdapterWeightsError):
+            load_for_inference(make_mlp(), mlp_adapter)
+    assert not _peft_messages(caught)
+
+
+def test_strict_false_warns_once_not_twice(mlp_adapter: Path) -> None:
+    """PEFT's own "Found missing adapter keys" is replaced by safe_lora's warning, never added to it."""
+    _edit_weights(_drop_b)(mlp_adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_for_inference(
+            make_mlp(), mlp_adapter, strict=False, torch_device="cpu"
+        )  # PEFT's own load_adapter
+    messages = [str(w.message) for w in caught]
+    assert sum("strict=False" in m for m in messages) == 1
+    assert not any("Found missing adapter keys" in m for m in messages)

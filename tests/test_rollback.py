@@ -12,7 +12,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import assert_unchanged, make_mlp, save_adapter, snapshot, tiny_llama
+from conftest import assert_unchanged, llama_in, make_mlp, save_adapter, snapshot, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -23,33 +23,7 @@ from safe_lora._rollback import Snapshot
 IDS = torch.tensor([[1, 5, 9, 3, 2]])
 
 
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("base")
-    tiny_llama().save_pretrained(folder)
-    return folder
-
-
 BASES = ["fp32", "bf16", "bnb4", "bnb8"]
-
-
-def build(kind: str, folder: Path) -> nn.Module:
-    """The tiny Llama in one of the precisions people load adapters into."""
-    if kind == "fp32":
-        return tiny_llama()
-    if kind == "bf16":
-        return tiny_llama().to(torch.bfloat16)
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    quant = (
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-        if kind == "bnb4"
-        else BitsAndBytesConfig(load_in_8bit=True)
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu")
-    return model.eval()
 
 
 def quant_state(model: nn.Module) -> dict[str, Any]:
@@ -92,7 +66,7 @@ def _misfit_adapter(kind: str, folder: Path, init: str, tmp: Path) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = get_peft_model(build(kind, folder), config)
+            model = get_peft_model(llama_in(kind, folder), config)
     except (ValueError, TypeError) as exc:  # raw PEFT refuses some inits on quantized weights
         pytest.skip(f"raw PEFT cannot create a {init} adapter on a {kind} base: {exc}")
     model.save_pretrained(tmp / "adapter")
@@ -105,10 +79,10 @@ def _misfit_adapter(kind: str, folder: Path, init: str, tmp: Path) -> Path:
 @pytest.mark.parametrize("init", list(INITS))
 @pytest.mark.parametrize("kind", BASES)
 def test_a_refused_load_leaves_every_tensor_bit_identical(
-    kind: str, init: str, strict: bool, base_folder: Path, tmp_path: Path
+    kind: str, init: str, strict: bool, llama_folder: Path, tmp_path: Path
 ) -> None:
-    adapter = _misfit_adapter(kind, base_folder, init, tmp_path)
-    model = build(kind, base_folder)
+    adapter = _misfit_adapter(kind, llama_folder, init, tmp_path)
+    model = llama_in(kind, llama_folder)
     with torch.no_grad():
         # First: bnb's 8-bit layer moves its quantization state off the weight on its first forward.
         expected = model(IDS).logits
@@ -226,5 +200,3 @@ def test_deepcopy_free_guard_leaves_no_trace(tmp_path: Path) -> None:
     model = load_for_inference(make_mlp(), path)
     assert "load_state_dict" not in vars(model)
     copy.deepcopy(model)
-
-
