@@ -14,6 +14,11 @@ Measurements, on a Llama-shaped model built from a config (no download) with a L
    model, and vs the forward pass it wraps.
 3. Forward latency: ``load_for_inference(merge=True)`` vs the base model without adapter, and
    unmerged ``load_for_inference`` vs raw PEFT in eval mode.
+4. Serving many adapters (an 8-layer Llama, hidden 256, LoRA r=8 on every linear layer, 1 thread):
+   adding 24 adapters one by one with ``load_adapter`` vs ``PeftModel.load_adapter`` (total, and how
+   the cost of one add grows), ``use_adapter`` vs a ``set_adapter`` round trip, and
+   ``load_adapter(replace=True)`` vs ``PeftModel.load_adapter`` into a new name and vs PEFT's
+   ``hotswap_adapter``.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class ModelSpec:
 
 FULL_MODEL = ModelSpec(768, 2048, 12, 12, 12, 32000)  # ~134M parameters
 TINY_MODEL = ModelSpec(64, 128, 2, 4, 4, 256, 128)
+SERVING_MODEL = ModelSpec(256, 512, 8, 8, 8, 1024, 128)  # the model of issue 12
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,10 @@ class Settings:
     forward_pairs: int
     forward_warmup: int
     best_of: int  # each side of a timing pair is the best of this many interleaved runs
+    serving_model: ModelSpec
+    adapters: int  # how many adapters section 4 adds one by one
+    serving_pairs: int
+    switch_pairs: int
 
 
 FULL = Settings(
@@ -90,6 +100,10 @@ FULL = Settings(
     forward_pairs=20,
     forward_warmup=3,
     best_of=3,
+    serving_model=SERVING_MODEL,
+    adapters=24,
+    serving_pairs=7,
+    switch_pairs=30,
 )
 QUICK = Settings(
     TINY_MODEL,
@@ -101,9 +115,14 @@ QUICK = Settings(
     forward_pairs=5,
     forward_warmup=1,
     best_of=1,
+    serving_model=TINY_MODEL,
+    adapters=8,
+    serving_pairs=2,
+    switch_pairs=5,
 )
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+SERVING_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
 SEED = 0
 
 
@@ -122,12 +141,12 @@ def build_base(spec: ModelSpec) -> nn.Module:
     return model.eval()
 
 
-def save_adapter(base: nn.Module, folder: Path) -> Path:
+def save_adapter(base: nn.Module, folder: Path, *, lora: dict[str, Any] = LORA, seed: int = SEED + 1) -> Path:
     """A LoRA adapter with non-zero weights (so merging changes the weights), saved by PEFT."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(SEED + 1)
-    config = LoraConfig(init_lora_weights=False, **LORA)  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    config = LoraConfig(init_lora_weights=False, **lora)
     peft_model = get_peft_model(copy.deepcopy(base), config)
     peft_model.save_pretrained(os.fspath(folder))
     return folder
@@ -313,9 +332,9 @@ LOADERS: dict[str, Callable[[nn.Module, Path], nn.Module]] = {"safe": _load_safe
 # --------------------------------------------------------------------------------------------------
 
 
-def bench_load_time(base: nn.Module, adapter: Path, pairs: int) -> Row:
+def bench_load_time(base: nn.Module, adapter: Path, pairs: int, *, label: str = "") -> Row:
     row = Row(
-        "load: load_for_inference / PeftModel.from_pretrained().eval() (time)",
+        f"load{label}: load_for_inference / PeftModel.from_pretrained().eval() (time)",
         "load_for_inference",
         "PeftModel.from_pretrained(...).eval()",
         "s",
@@ -367,7 +386,13 @@ def _maxrss_bytes() -> int:
 
 
 def memory_child(
-    kind: str, spec: dict[str, Any], adapter: str, warm_spec: dict[str, Any], warm_adapter: str, threads: int
+    kind: str,
+    spec: dict[str, Any],
+    adapter: str,
+    warm_spec: dict[str, Any],
+    warm_adapter: str,
+    threads: int,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """In a fresh process: warm up both loaders on a tiny model, build the base, measure one load."""
     _quiet()
@@ -378,7 +403,7 @@ def memory_child(
     for loader in LOADERS.values():
         loader(copy.deepcopy(tiny), Path(warm_adapter))
     del tiny
-    base = build_base(ModelSpec(**spec))
+    base = build_base(ModelSpec(**spec)).to(getattr(torch, dtype))
     gc.collect()
     reset = _reset_peak()
     before = _proc_status("VmRSS")
@@ -395,9 +420,18 @@ def memory_child(
     return {"peak_delta": max(0, maxrss_after - maxrss_before), "rss_delta": None, "method": "ru_maxrss"}
 
 
-def bench_load_memory(spec: ModelSpec, adapter: Path, warm_adapter: Path, pairs: int, threads: int) -> Row:
+def bench_load_memory(
+    spec: ModelSpec,
+    adapter: Path,
+    warm_adapter: Path,
+    pairs: int,
+    threads: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    label: str = "",
+) -> Row:
     row = Row(
-        "load: load_for_inference / PeftModel.from_pretrained().eval() (peak RSS increase)",
+        f"load{label}: load_for_inference / PeftModel.from_pretrained().eval() (peak RSS increase)",
         "load_for_inference",
         "PeftModel.from_pretrained(...).eval()",
         "bytes",
@@ -410,7 +444,7 @@ def bench_load_memory(spec: ModelSpec, adapter: Path, warm_adapter: Path, pairs:
         def run() -> float:
             with context.Pool(1) as pool:
                 args = (kind, asdict(spec), os.fspath(adapter), asdict(TINY_MODEL), os.fspath(warm_adapter))
-                result = pool.apply(memory_child, (*args, threads))
+                result = pool.apply(memory_child, (*args, threads, str(dtype).removeprefix("torch.")))
             methods.add(str(result["method"]))
             return float(result["peak_delta"])
 
@@ -569,6 +603,175 @@ def bench_forward(base: nn.Module, adapter: Path, tokens: torch.Tensor, settings
 
 
 # --------------------------------------------------------------------------------------------------
+# 4. Serving many adapters
+# --------------------------------------------------------------------------------------------------
+
+
+def _quiet_call(func: Callable[[], Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return func()
+
+
+def bench_serving(settings: Settings, tmp: Path) -> list[Row]:
+    """Adding adapters one by one, switching between them and swapping one's weights in place."""
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter
+
+    from safe_lora import load_adapter, load_for_inference, use_adapter
+
+    torch.set_num_threads(1)
+    n = settings.adapters
+    base = build_base(settings.serving_model)
+    paths = [
+        save_adapter(base, tmp / f"serving-{i}", lora=SERVING_LORA, seed=SEED + 10 + i) for i in range(n)
+    ]
+    spec = settings.serving_model
+    note = (
+        f"{spec.num_hidden_layers}-layer Llama, hidden {spec.hidden_size}, "
+        f"LoRA r={SERVING_LORA['r']} on every linear layer, {n} adapters, 1 thread"
+    )
+    total = Row(
+        f"serving: add {n} adapters, load_adapter / PeftModel.load_adapter (total time)",
+        "safe_lora.load_adapter",
+        "PeftModel.load_adapter",
+        "s",
+        1.10,
+        note=note,
+    )
+    growth = Row(
+        "serving: growth of one add's cost (last 4 / first 4), safe_lora / raw PEFT",
+        "safe_lora's growth",
+        "raw PEFT's growth",
+        "ratio",
+        1.0,
+        note=note,
+    )
+    per_add: dict[str, list[list[float]]] = {"safe": [], "raw": []}
+
+    def adds(kind: str) -> Callable[[], float]:
+        def run() -> float:
+            model = copy.deepcopy(base)
+            if kind == "safe":
+                peft_model = load_for_inference(model, paths[0], adapter_name="a0")
+            else:
+                peft_model = _quiet_call(
+                    lambda: PeftModel.from_pretrained(model, os.fspath(paths[0]), adapter_name="a0").eval()
+                )
+            times = []
+            with _no_gc(collect=True), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for i in range(1, n):
+                    start = time.perf_counter()
+                    if kind == "safe":
+                        load_adapter(peft_model, paths[i], adapter_name=f"a{i}")
+                    else:
+                        peft_model.load_adapter(os.fspath(paths[i]), f"a{i}")
+                    times.append(time.perf_counter() - start)
+            per_add[kind].append(times)
+            return sum(times)
+
+        return run
+
+    alternate(settings.serving_pairs, adds("safe"), adds("raw"), total, warmup=0)
+    k = min(4, max(1, (n - 1) // 2))
+
+    def grown(times: list[float]) -> float:
+        return statistics.mean(times[-k:]) / statistics.mean(times[:k])
+
+    for safe_times, raw_times in zip(per_add["safe"], per_add["raw"], strict=True):
+        growth.a_values.append(grown(safe_times))
+        growth.b_values.append(grown(raw_times))
+    safe_growth, raw_growth = statistics.median(growth.a_values), statistics.median(growth.b_values)
+    growth.note = (
+        f"{note}; per pair: mean of the last {k} adds / mean of the first {k}, "
+        f"safe_lora {safe_growth:.2f}x, raw PEFT {raw_growth:.2f}x"
+    )
+
+    # Switching and swapping, on models holding all n adapters.
+    safe_model = load_for_inference(copy.deepcopy(base), {f"a{i}": p for i, p in enumerate(paths)})
+    raw_model = _quiet_call(
+        lambda: PeftModel.from_pretrained(copy.deepcopy(base), os.fspath(paths[0]), adapter_name="a0").eval()
+    )
+    for i in range(1, n):
+        _quiet_call(lambda i=i: raw_model.load_adapter(os.fspath(paths[i]), f"a{i}"))
+
+    switch = Row(
+        "serving: with use_adapter(model, 'a1'): pass / set_adapter('a1'); set_adapter('a0')",
+        "use_adapter enter+exit",
+        "PeftModel.set_adapter round trip",
+        "s",
+        1.10,
+        note=note,
+    )
+
+    def use() -> float:
+        with _no_gc():
+            start = time.perf_counter()
+            with use_adapter(safe_model, "a1"):
+                pass
+            return time.perf_counter() - start
+
+    def set_adapter() -> float:
+        with _no_gc():
+            start = time.perf_counter()
+            raw_model.set_adapter("a1")
+            raw_model.set_adapter("a0")
+            return time.perf_counter() - start
+
+    alternate(settings.switch_pairs, use, set_adapter, switch, warmup=2, best_of=2 * settings.best_of)
+
+    # Replacing a0's weights in place (the other files have the same shapes) vs loading into a new
+    # name and vs PEFT's hotswap, on models holding the same n adapters.
+    replace_vs_load = Row(
+        "serving: load_adapter(replace=True) / PeftModel.load_adapter into a new name",
+        "load_adapter(..., replace=True)",
+        "PeftModel.load_adapter(path, new name)",
+        "s",
+        None,
+        note=note,
+    )
+    replace_vs_hotswap = Row(
+        "serving: load_adapter(replace=True) / peft hotswap_adapter",
+        "load_adapter(..., replace=True)",
+        "hotswap_adapter(model, path, 'a0')",
+        "s",
+        None,
+        note=note,
+    )
+    counter = iter(range(10**9))
+
+    def replace() -> float:
+        source = paths[1 + next(counter) % (n - 1)]
+        with _no_gc():
+            start = time.perf_counter()
+            load_adapter(safe_model, source, adapter_name="a0", replace=True)
+            return time.perf_counter() - start
+
+    def load_new() -> float:
+        source = paths[1 + next(counter) % (n - 1)]
+        with _no_gc(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            raw_model.load_adapter(os.fspath(source), "fresh")
+            elapsed = time.perf_counter() - start
+        raw_model.delete_adapter("fresh")
+        return elapsed
+
+    def hotswap() -> float:
+        source = paths[1 + next(counter) % (n - 1)]
+        with _no_gc(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            hotswap_adapter(raw_model, os.fspath(source), adapter_name="a0", torch_device="cpu")
+            return time.perf_counter() - start
+
+    alternate(settings.switch_pairs, replace, load_new, replace_vs_load, warmup=2, best_of=settings.best_of)
+    alternate(settings.switch_pairs, replace, hotswap, replace_vs_hotswap, warmup=2, best_of=settings.best_of)
+    return [total, growth, switch, replace_vs_load, replace_vs_hotswap]
+
+
+# --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
 
@@ -596,6 +799,25 @@ def run(settings: Settings, threads: int, log: Callable[[str], None]) -> tuple[l
         log(f"2. deterministic_lora done ({_since(start)})")
         rows.extend(bench_forward(base, adapter, tokens, settings))
         log(f"3. forward done ({_since(start)})")
+        # A bf16 base and the fp32-saved adapter: the setup where PEFT's assign path would round.
+        half = base.to(torch.bfloat16)
+        rows.append(bench_load_time(half, adapter, settings.load_pairs, label=" bf16"))
+        rows.append(
+            bench_load_memory(
+                settings.model,
+                adapter,
+                warm_adapter,
+                settings.memory_pairs,
+                threads,
+                dtype=torch.bfloat16,
+                label=" bf16",
+            )
+        )
+        del half, base
+        log(f"1b. bf16 load done ({_since(start)})")
+        rows.extend(bench_serving(settings, Path(tmp)))
+        torch.set_num_threads(threads)
+        log(f"4. serving many adapters done ({_since(start)})")
 
     meta = {
         "model": asdict(settings.model),

@@ -11,19 +11,20 @@ import copy
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 
 from safe_lora._config import dropout_rates
 from safe_lora._loading import AdapterSource, _attach, _peft_type, _Plan, _plan, _split_kwargs, base_of
-from safe_lora._rollback import rollback_on_error
+from safe_lora._rollback import rollback_on_error, tensor_at
 from safe_lora._validate import compare, expected_keys
 from safe_lora.errors import (
     AdapterConfigError,
@@ -353,21 +354,52 @@ class _Rate:
             holder[self.adapter] = self.rate
 
 
-def _rate_updates(model: PeftModel, name: str, old: PeftConfig, new: PeftConfig) -> list[_Rate]:
+# The children of a tuner layer, tuner or wrapper that are not the adapter's: the wrapped layer.
+_WRAPPED = frozenset({"base_layer", "model", "original_module"})
+_CONTAINERS = (nn.ModuleDict, nn.ParameterDict, BufferDict)
+
+
+@dataclasses.dataclass
+class _Holding:
+    """Where adapter ``name`` lives in a model, found in one walk of it."""
+
+    layers: list[tuple[str, nn.Module]]  # qualified name in the base model, tuner layer
+    tensors: dict[int, torch.Tensor]  # every parameter and buffer of the adapter, by identity
+    merged: bool
+
+
+def _holding(model: PeftModel, name: str) -> _Holding:
+    holding = _Holding([], {}, False)
+    owners: list[nn.Module] = [model.base_model]
+    for key, module in base_of(model).named_modules():
+        layer: Any = module  # a tuner layer is an nn.Module *and* a BaseTunerLayer
+        if isinstance(layer, BaseTunerLayer):
+            holding.merged = holding.merged or name in layer.merged_adapters
+            holding.layers.append((key, module))
+            owners.append(module)
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            owners.append(module)
+    for owner in owners:
+        for child_name, child in owner._modules.items():
+            if child_name in _WRAPPED or not isinstance(child, _CONTAINERS) or name not in child:
+                continue
+            entry = child[name]
+            found = [entry] if isinstance(entry, torch.Tensor) else [*entry.parameters(), *entry.buffers()]
+            holding.tensors.update((id(t), t) for t in found)
+    return holding
+
+
+def _rate_updates(holding: _Holding, name: str, old: PeftConfig, new: PeftConfig) -> list[_Rate]:
     """Where each changed dropout rate lives in the layers; refuses a rate with no home."""
     before, after = dropout_rates(old), dropout_rates(new)
     changed = {k: v for k, v in after.items() if before.get(k) != v}
-    if not changed:
-        return []
     updates: list[_Rate] = []
     homeless = set(changed)
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
+    for _, layer in holding.layers:
         for attribute, rate in changed.items():
-            holder = getattr(module, attribute, None)
+            holder = getattr(layer, attribute, None)
             if isinstance(holder, (nn.ModuleDict, dict)) and name in holder:
-                updates.append(_Rate(module, attribute, name, rate))
+                updates.append(_Rate(layer, attribute, name, rate))
                 homeless.discard(attribute)
     if homeless:
         raise AdapterConfigError(
@@ -379,108 +411,131 @@ def _rate_updates(model: PeftModel, name: str, old: PeftConfig, new: PeftConfig)
     return updates
 
 
-def _lora_scalings(model: PeftModel, name: str, config: PeftConfig) -> list[tuple[nn.Module, float, float]]:
+def _lora_scalings(holding: _Holding, name: str, config: PeftConfig) -> list[tuple[nn.Module, float, float]]:
     """``(layer, alpha, scaling)`` for each LoRA layer of ``name`` under ``config`` (PEFT's formula)."""
     r_default: int = getattr(config, "r", 8)
     alpha_default: float = getattr(config, "lora_alpha", 8)
     rank_pattern: dict[str, int] = dict(getattr(config, "rank_pattern", None) or {})
     alpha_pattern: dict[str, float] = dict(getattr(config, "alpha_pattern", None) or {})
     found: list[tuple[nn.Module, float, float]] = []
-    for key, module in base_of(model).named_modules():
-        scaling = getattr(module, "scaling", None)
-        if not isinstance(module, nn.Module) or not isinstance(module, BaseTunerLayer):
-            continue
-        if not isinstance(scaling, dict) or name not in scaling:
+    for key, layer in holding.layers:
+        scaling = getattr(layer, "scaling", None)
+        if not isinstance(layer, nn.Module) or not isinstance(scaling, dict) or name not in scaling:
             continue
         rank = rank_pattern.get(get_pattern_key(list(rank_pattern), key), r_default)
         alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), key), alpha_default)
         scale = alpha / math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha / rank
-        found.append((module, alpha, scale))
+        found.append((layer, alpha, scale))
     return found
 
 
+class _Remapped(Exception):
+    """Carries the state dict PEFT was about to load, so that nothing is loaded."""
+
+    def __init__(self, state_dict: dict[str, Any]) -> None:
+        super().__init__("remapped")
+        self.state_dict = state_dict
+
+
+def _peft_mapping(model: PeftModel, tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
+    """The file's keys as PEFT maps them onto the model for ``name`` -- PEFT's own mapping (tuner
+    renames, modules_to_save, transformers conversions), run up to the point where it would load."""
+
+    def capture(state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        raise _Remapped(dict(state_dict))
+
+    model.__dict__["load_state_dict"] = capture
+    try:
+        set_peft_model_state_dict(model, tensors, adapter_name=name)
+    except _Remapped as done:
+        return done.state_dict
+    finally:
+        model.__dict__.pop("load_state_dict", None)
+    raise AssertionError("PEFT's set_peft_model_state_dict did not call load_state_dict")  # pragma: no cover
+
+
 def _replace(model: PeftModel, plan: _Plan, *, training: bool) -> None:
-    """Swap ``plan``'s weights into the loaded adapter of the same name, in place, or refuse."""
+    """Swap ``plan``'s weights into the loaded adapter of the same name, in place, or refuse.
+
+    Everything is checked before the first write; the write itself is a ``copy_`` into each
+    existing tensor (what ``load_state_dict`` does), and the old values are kept until the whole
+    swap is done, so even a ``KeyboardInterrupt`` half way puts them back.
+    """
     name = plan.name
     old = model.peft_config[name]
     new = copy.deepcopy(plan.config)
     new.inference_mode = old.inference_mode
     where = os.fspath(plan.files.folder)
-    if _peft_type(old) != _peft_type(new):
-        raise AdapterConfigError(
-            f"Cannot replace adapter {name!r} with the one in {where!r}: expected a {_peft_type(old)} "
-            f"adapter, found {_peft_type(new)} — load it under a new adapter_name instead.",
+
+    def refuse(reason: str) -> AdapterConfigError:
+        return AdapterConfigError(
+            f"Cannot replace adapter {name!r} in place with the one in {where!r}: {reason} — load it "
+            f"under a new adapter_name instead.",
             path=plan.files.folder,
         )
-    lora = hasattr(model.base_model, "prefix") and getattr(model.base_model, "prefix", "") == "lora_"
+
+    if _peft_type(old) != _peft_type(new):
+        raise refuse(f"expected a {_peft_type(old)} adapter, found {_peft_type(new)}")
+    if new.is_prompt_learning:
+        raise refuse("prompt-learning adapters are not swapped in place")
+    lora = getattr(model.base_model, "prefix", "") == "lora_"
     changed = _config_changes(old, new, lora=lora)
     if changed:
-        raise AdapterConfigError(
-            f"Cannot replace adapter {name!r} in place with the one in {where!r}: the configs differ in "
-            f"{'; '.join(changed)} — expected the same tuner, targets, ranks and variant — load it under a "
-            f"new adapter_name instead.",
-            path=plan.files.folder,
-        )
-    merged = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and name in m.merged_adapters]
-    if merged:
-        raise AdapterConfigError(
-            f"Cannot replace adapter {name!r}: it is merged into the base weights — expected an unmerged "
-            f"adapter — call model.unmerge_adapter() first.",
-            path=plan.files.folder,
-        )
-    # Keys and shapes exactly those of the loaded adapter (always strict: a key left out would keep
-    # the old adapter's value, one added would have nowhere to go).
-    compare(plan.header, expected_keys(model, name), path=plan.weights, strict=True)
-    rates = _rate_updates(model, name, old, new)
-    scalings = _lora_scalings(model, name, new) if lora else []
+        expected = "expected the same tuner, targets, ranks and variant"
+        raise refuse(f"the configs differ in {'; '.join(changed)} ({expected})")
+    holding = _holding(model, name)
+    if holding.merged:
+        raise refuse("it is merged into the base weights (call model.unmerge_adapter() first)")
+    rates = _rate_updates(holding, name, old, new)
+    scalings = _lora_scalings(holding, name, new) if lora else []
 
-    # Where each file key lives: PEFT's own state dict of the adapter aliases the parameters.
-    targets: dict[str, torch.Tensor] = get_peft_model_state_dict(
-        model, adapter_name=name, save_embedding_layers=False
-    )
-    extra = sorted(set(plan.tensors) - set(targets))
-    if extra:
-        raise AdapterWeightsError(
-            f"Cannot replace adapter {name!r} in place from {os.fspath(plan.weights)!r}: the file also "
-            f"holds {', '.join(extra)}, which the loaded adapter does not — load it under a new "
-            f"adapter_name instead.",
-            path=plan.weights,
-            unexpected_keys=extra,
-        )
-    for key, value in plan.tensors.items():
-        if value.is_floating_point() != targets[key].is_floating_point():
+    # Where each file key goes, by PEFT's own mapping; every key must land in a tensor of this
+    # adapter with its shape, and every tensor of the adapter must get one.
+    targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    misfit: list[str] = []
+    file_key = {id(v): k for k, v in plan.tensors.items()}
+    for key, value in _peft_mapping(model, plan.tensors, name).items():
+        tensor, _, _ = tensor_at(model, key)
+        if (
+            tensor is None
+            or id(tensor) not in holding.tensors
+            or not isinstance(value, torch.Tensor)
+            or tuple(value.shape) != tuple(tensor.shape)
+            or value.is_floating_point() != tensor.is_floating_point()
+        ):
+            misfit.append(file_key.get(id(value), key))
+            continue
+        targets.append((tensor, value))
+    unfilled = set(holding.tensors) - {id(t) for t, _ in targets}
+    if misfit or unfilled:
+        # The exact comparison names missing, unexpected and mis-shaped keys as the file does.
+        compare(plan.header, expected_keys(model, name), path=plan.weights, strict=True)
+        if misfit:
             raise AdapterWeightsError(
-                f"Adapter weights have the wrong dtype in {os.fspath(plan.weights)!r}: {key} holds "
-                f"{value.dtype} where the loaded adapter holds {targets[key].dtype} — re-save the adapter.",
+                f"Cannot replace adapter {name!r} in place from {os.fspath(plan.weights)!r}: "
+                f"{', '.join(sorted(misfit))} do not fit the loaded adapter's tensors — expected the same "
+                f"keys, shapes and dtypes — load it under a new adapter_name instead.",
                 path=plan.weights,
-                unexpected_keys=[key],
+                unexpected_keys=misfit,
             )
-    old_values = {key: targets[key].detach().clone() for key in plan.tensors}
+
+    old_values = [(tensor, tensor.detach().clone()) for tensor, _ in targets]
     old_scalings = [(m, dict(getattr(m, "scaling", {}))) for m, _, _ in scalings]
     old_alpha = [(m, dict(getattr(m, "lora_alpha", {}))) for m, _, _ in scalings]
     try:
         with torch.no_grad():
-            for key, value in plan.tensors.items():
-                targets[key].copy_(value)  # what load_state_dict does: same tensor, its dtype kept
+            for tensor, value in targets:
+                tensor.copy_(value)  # what load_state_dict does: the same tensor, its dtype kept
         for module, alpha, scaling in scalings:
             scaling_dict: Any = module.scaling
             scaling_dict[name] = scaling
             alphas: Any = getattr(module, "lora_alpha", None)
             if isinstance(alphas, dict):
                 alphas[name] = alpha
-        # The copies must have reached the model: read it back the way save_pretrained would.
-        now = get_peft_model_state_dict(model, adapter_name=name)
-        stale = sorted(k for k, v in plan.tensors.items() if not torch.equal(now[k], v.to(now[k].dtype)))
-        if stale:
-            raise AdapterWeightsError(
-                f"Cannot replace adapter {name!r} in place: {', '.join(stale)} did not reach the model's "
-                f"tensors — load it under a new adapter_name instead.",
-                path=plan.weights,
-            )
     except BaseException:
         with torch.no_grad():
-            for key, value in old_values.items():
-                targets[key].copy_(value)
+            for tensor, value in old_values:
+                tensor.copy_(value)
         for module, saved in old_scalings:
             scaling_dict = module.scaling
             scaling_dict.clear()

@@ -331,6 +331,8 @@ def _protect_in_place_targets(model: nn.Module, config: PeftConfig, snapshot: Sn
     init writes its targets' weights; quantized weights are rebuilt by several PEFT code paths.
     """
     rewrites = _rewrites_base(config)
+    if not (rewrites or snapshot.quantized):
+        return  # the common load: nothing to copy, and no need to match targets
     for module in _targets(model, config):
         for tensor in (*module._parameters.values(), *module._buffers.values()):
             if tensor is not None and (rewrites or _is_quantized(tensor)):
@@ -592,6 +594,8 @@ def _verdict(
     """
     unloaded = False
     for key in getattr(result, "missing_keys", []):
+        if f".{plan.name}." not in f".{key}.":
+            continue  # PEFT keys every tensor of an adapter by its name; the rest is the base's
         tensor, new = snapshot.resolve(peft_model, key)
         if tensor is not None and new and id(tensor) not in report.loaded_ids:
             unloaded = True

@@ -18,7 +18,7 @@ A load changes a model in three ways, each undone differently and each kept chea
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,11 +27,20 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-__all__ = ["Snapshot", "rollback_on_error"]
+__all__ = ["Snapshot", "rollback_on_error", "tensor_at"]
 
 # The per-adapter containers of tuner layers and auxiliary wrappers: their entries, keyed by adapter
 # name, are one adapter's own modules.
 _ADAPTER_DICTS = (nn.ModuleDict, nn.ParameterDict)
+
+
+def _looks_quantized(tensor: torch.Tensor) -> bool:
+    # bitsandbytes packs 4-bit weights in uint8 and 8-bit ones in int8 and keeps their state
+    # (quant_state, SCB, ...) as attributes of the parameter.
+    return isinstance(tensor, nn.Parameter) and (
+        not (tensor.is_floating_point() or tensor.is_complex())
+        or any("quant" in k or k == "SCB" for k in vars(tensor))
+    )
 
 
 def _shallow(value: Any) -> Any:
@@ -64,7 +73,10 @@ class Snapshot:
         # (tensor, alias of its storage, copy of its values, deep copy of its own attributes).
         self._values: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any] | None]] = []
         self._backed_up: set[int] = set()
-        seen_params: set[int] = set()
+        # Whether any captured weight is quantized (bitsandbytes keeps its state on the parameter):
+        # the loader then backs up the quantized weights of the targets.
+        self.quantized = False
+        seen: set[int] = set()
 
         stack = [model]
         while stack:
@@ -75,34 +87,46 @@ class Snapshot:
             self.modules[module] = {k: _shallow(v) for k, v in state.items()}
             for slot in ("_parameters", "_buffers"):
                 for tensor in state.get(slot, {}).values():
-                    if tensor is None or id(tensor) in seen_params:
+                    if tensor is None or id(tensor) in seen:
                         continue
-                    seen_params.add(id(tensor))
+                    seen.add(id(tensor))
                     if slot == "_parameters":
                         self.grads.append((tensor, tensor.requires_grad))
                     own = vars(tensor)
+                    if own or not (tensor.is_floating_point() or tensor.is_complex()):
+                        self.quantized = self.quantized or _looks_quantized(tensor)
                     self._data.append((tensor, tensor.data, dict(own) if own else None))
-            children = state.get("_modules", {})
             opens = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
-            for child in children.values():
+            for child in state.get("_modules", {}).values():
                 if child is None:
                     continue
                 if opens and isinstance(child, _ADAPTER_DICTS):
-                    # Capture the container (new keys are removed on restore), seal its entries.
-                    self.modules[child] = {k: _shallow(v) for k, v in vars(child).items()}
-                    for tensor in child._parameters.values():  # ParameterDict entries
-                        if tensor is not None and id(tensor) not in seen_params:
-                            seen_params.add(id(tensor))
-                            self.grads.append((tensor, tensor.requires_grad))
-                    for entry in child._modules.values():
-                        if entry is not None:
-                            self.sealed.add(entry)
-                            for param in entry.parameters():
-                                if id(param) not in seen_params:
-                                    seen_params.add(id(param))
-                                    self.grads.append((param, param.requires_grad))
-                    continue
-                stack.append(child)
+                    self._seal(child, seen)
+                else:
+                    stack.append(child)
+
+    def _seal(self, container: nn.Module, seen: set[int]) -> None:
+        """Capture a per-adapter container; its existing entries are sealed, only their
+        ``requires_grad`` is recorded (PEFT's ``set_adapter`` flips it for every adapter)."""
+        self.modules[container] = {k: _shallow(v) for k, v in vars(container).items()}
+        pending: list[nn.Module] = []
+        for tensor in container._parameters.values():  # ParameterDict entries
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                self.grads.append((tensor, tensor.requires_grad))
+        for entry in container._modules.values():
+            if entry is not None:
+                self.sealed.add(entry)
+                pending.append(entry)
+        # By hand rather than ``entry.parameters()``: entries are mostly leaf layers, and this runs
+        # for every entry of every adapter on each add.
+        while pending:
+            module = pending.pop()
+            for tensor in module._parameters.values():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    self.grads.append((tensor, tensor.requires_grad))
+            pending.extend(c for c in module._modules.values() if c is not None)
 
     # ----------------------------------------------------------------------------------------------
     # What a load may overwrite in place
@@ -131,38 +155,22 @@ class Snapshot:
         """The tensor a state-dict ``key`` of ``root`` names, and whether the load created it.
 
         ``root`` is the model the key is relative to: the captured model, or the ``PeftModel``
-        built around it.
-
-        A tensor is pre-existing when it sits in a captured module's original parameters or
-        buffers, or anywhere below a sealed (existing adapter's) module.
+        built around it. A tensor is pre-existing when it sits in a captured module's original
+        parameters or buffers, or anywhere below a sealed (existing adapter's) module.
 
         Returns:
             ``(tensor, is_new)``; ``(None, False)`` when the key names nothing.
         """
-        module: nn.Module | None = root
-        *path, leaf = key.split(".")
-        inside_sealed = False
-        for part in path:
-            if module in self.sealed:
-                inside_sealed = True
-            module = module._modules.get(part) if module is not None else None
-            if module is None:
-                return None, False
-        assert module is not None
-        inside_sealed = inside_sealed or module in self.sealed
-        tensor: torch.Tensor | None = module._parameters.get(leaf)
-        slot = "_parameters"
-        if tensor is None:
-            tensor = module._buffers.get(leaf)
-            slot = "_buffers"
-        if tensor is None:
+        tensor, owner, path = tensor_at(root, key)
+        if tensor is None or owner is None:
             return None, False
-        if inside_sealed:
+        if any(module in self.sealed for module in path):
             return tensor, False
-        saved = self.modules.get(module)
+        saved = self.modules.get(owner)
         if saved is None:
             return tensor, True
-        return tensor, not any(t is tensor for t in saved.get(slot, {}).values())
+        known = (*saved.get("_parameters", {}).values(), *saved.get("_buffers", {}).values())
+        return tensor, not any(t is tensor for t in known)
 
     def new_subtrees(self) -> Iterator[tuple[nn.Module, nn.Module]]:
         """``(parent, child)`` for every module the load added below a captured module."""
@@ -227,6 +235,28 @@ class Snapshot:
         self._restore_grads()
 
 
+def tensor_at(root: nn.Module, key: str) -> tuple[torch.Tensor | None, nn.Module | None, list[nn.Module]]:
+    """The parameter or buffer a state-dict ``key`` of ``root`` names, its owner and the modules on
+    the way there; ``(None, None, path)`` when the key names nothing.
+
+    A walk of the key's path only: no ``state_dict()`` of the whole model, so it costs the same
+    whatever else the model holds.
+    """
+    *parts, leaf = key.split(".")
+    module: nn.Module | None = root
+    path: list[nn.Module] = [root]
+    for part in parts:
+        module = module._modules.get(part) if module is not None else None
+        if module is None:
+            return None, None, path
+        path.append(module)
+    assert module is not None
+    tensor: torch.Tensor | None = module._parameters.get(leaf)
+    if tensor is None:
+        tensor = module._buffers.get(leaf)
+    return tensor, (module if tensor is not None else None), path
+
+
 @contextmanager
 def rollback_on_error(model: nn.Module) -> Iterator[Snapshot]:
     """Capture ``model``; on any exception (``KeyboardInterrupt`` too) restore it and re-raise."""
@@ -236,9 +266,3 @@ def rollback_on_error(model: nn.Module) -> Iterator[Snapshot]:
     except BaseException:
         snapshot.restore()
         raise
-
-
-def backup_all(snapshot: Snapshot, tensors: Iterable[torch.Tensor]) -> None:
-    """:meth:`Snapshot.backup` for each of ``tensors``."""
-    for tensor in tensors:
-        snapshot.backup(tensor)
