@@ -7,12 +7,14 @@ from safe_lora._inspect import AdapterReport, Finding, inspect_adapter
 from safe_lora._loading import load_adapter, load_for_inference, load_for_training
 from safe_lora._version import __version__
 from safe_lora.errors import (
+    AdapterAccessError,
     AdapterConfigError,
     AdapterExistsError,
     AdapterMergeError,
     AdapterNotFoundError,
     AdapterWeightsError,
     BaseModelMismatchWarning,
+    HubUnreachableWarning,
     NoAdapterWarning,
     NondeterministicModelError,
     SafeLoraError,
@@ -23,6 +25,7 @@ from safe_lora.errors import (
 )
 
 __all__ = [
+    "AdapterAccessError",
     "AdapterConfigError",
     "AdapterExistsError",
     "AdapterMergeError",
@@ -32,6 +35,7 @@ __all__ = [
     "BaseModelMismatchWarning",
     "DropoutSite",
     "Finding",
+    "HubUnreachableWarning",
     "NoAdapterWarning",
     "NondeterministicModelError",
     "SafeLoraError",

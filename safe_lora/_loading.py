@@ -23,14 +23,7 @@ import torch
 from peft import PeftConfig, PeftModel, set_peft_model_state_dict
 from torch import nn
 
-from safe_lora._config import (
-    HUB_KWARGS,
-    AdapterFiles,
-    find_files,
-    prepared_copy,
-    read_config,
-    resolve_adapter,
-)
+from safe_lora._config import HUB_KWARGS, AdapterFiles, locate_adapter, prepared_copy
 from safe_lora._modes import ModeSnapshot
 from safe_lora._validate import (
     HeaderEntry,
@@ -135,11 +128,11 @@ def _plan(
     hub_kwargs: dict[str, Any],
 ) -> _Plan:
     """Everything that can be checked on disk: folder, config, weights file and its header."""
-    folder = resolve_adapter(source, **hub_kwargs)
-    files = find_files(folder, allow_pickle=allow_pickle)
     if config is not None and not isinstance(config, PeftConfig):
         raise TypeError(f"config= must be a peft.PeftConfig, found {type(config).__name__}.")
-    saved = config if config is not None else read_config(folder)
+    # A hub id is downloaded here: the config first (read and checked), then the weights file.
+    files, saved = locate_adapter(source, allow_pickle=allow_pickle, config=config, **hub_kwargs)
+    folder = files.folder
     prepared = prepared_copy(saved, dropout=dropout, inference_mode=not training)
     if training and prepared.is_prompt_learning:
         raise AdapterConfigError(
