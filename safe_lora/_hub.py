@@ -30,9 +30,7 @@ logger = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _LIBRARY = "safe-lora"  # huggingface_hub adds it to its user agent
-_TOKEN_HINT = (
-    "pass token= (a token with read access), or log in once with `hf auth login` / set HF_TOKEN"
-)
+_TOKEN_HINT = "pass token= (a token with read access), or log in once with `hf auth login` / set HF_TOKEN"
 
 Token = str | bool | None
 
