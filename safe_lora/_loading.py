@@ -27,6 +27,7 @@ from safe_lora._config import HUB_KWARGS, AdapterFiles, locate_adapter, prepared
 from safe_lora._modes import ModeSnapshot
 from safe_lora._validate import (
     HeaderEntry,
+    base_model_evidence,
     check_finite,
     check_mergeable,
     compare,
@@ -157,11 +158,14 @@ def _plan(
 
     trained_on = getattr(prepared, "base_model_name_or_path", None) or ""
     loading_into = _name_or_path(model)
-    if trained_on and loading_into and trained_on != loading_into:
+    # Names alone prove nothing (a local mirror or a copied folder is the same base): warn only when
+    # the recorded base's config or the adapter's shapes disagree with this model.
+    evidence = base_model_evidence(model, prepared, header, trained_on=trained_on, loading_into=loading_into)
+    if evidence:
         warnings.warn(
-            f"Adapter {name!r} was trained on {trained_on!r} but is loaded into {loading_into!r} — "
-            f"keys and shapes are checked, but the outputs may be meaningless if the weights differ — "
-            f"load the base model the adapter was trained on.",
+            f"Adapter {name!r} was trained on {trained_on!r}, which is not the {loading_into!r} it is "
+            f"loaded into: {'; '.join(evidence)} — the outputs may be meaningless — load the base model "
+            f"the adapter was trained on.",
             BaseModelMismatchWarning,
             stacklevel=4,
         )
