@@ -1,5 +1,6 @@
 """safe_lora: load and evaluate PEFT adapters safely and deterministically."""
 
+from safe_lora import auto
 from safe_lora._adapters import use_adapter
 from safe_lora._config import dropout_rates
 from safe_lora._dropout import DropoutSite, assert_deterministic, deterministic_lora, live_dropout
@@ -45,6 +46,7 @@ __all__ = [
     "UnsafeAdapterError",
     "__version__",
     "assert_deterministic",
+    "auto",
     "deterministic_lora",
     "dropout_rates",
     "inspect_adapter",
