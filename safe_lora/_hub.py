@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,7 +58,7 @@ class HubFolder:
     files: dict[str, int | None]
     repo_files: tuple[str, ...]
     offline_reason: str | None
-    token: Token
+    token: Token = field(repr=False)  # never printed
     cache_dir: str | None
     force_download: bool
     snapshot: Path | None = None

@@ -203,15 +203,21 @@ def hub_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Run], 
     good = {**folder_files(folders["good"]), **EXTRAS}
     server = HubServer()
     server.add_repo("org/cli-adapter", {"main": good})
-    server.add_repo("org/cli-rev", {"main": good, "v2": {**folder_files(v2), **EXTRAS}})
-    server.add_repo("org/cli-nested", {"main": {**folder_files(folders["good"], "sub/"), **EXTRAS}})
+    server.add_repo("org/cli-rev", {"main": good, "v2": {**folder_files(v2, "sub/"), **EXTRAS}})
     server.add_repo("org/cli-pickle", {"main": {**folder_files(folders["pickle"]), **EXTRAS}})
-    commands = {
+    commands = {  # each run pays the torch/peft import: few, started together
         "hub-json": [*PYTHON, "inspect", "org/cli-adapter", "--json"],
-        "hub-revision": [*PYTHON, "inspect", "org/cli-rev", "--revision", "v2", "--json"],
-        "hub-subfolder": [*PYTHON, "inspect", "org/cli-nested", "--subfolder", "sub"],
+        "hub-revision": [
+            *PYTHON,
+            "inspect",
+            "org/cli-rev",
+            "--revision",
+            "v2",
+            "--subfolder",
+            "sub",
+            "--json",
+        ],
         "hub-pickle": [*PYTHON, "inspect", "org/cli-pickle"],
-        "hub-missing": [*PYTHON, "inspect", "org/cli-missing"],
     }
     with server:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
@@ -236,10 +242,8 @@ def _fetched(log: list[Request], repo: str) -> list[str]:
     ("run", "repo", "code", "fetched"),
     [
         ("hub-json", "org/cli-adapter", 0, ["adapter_config.json", "adapter_model.safetensors"]),
-        ("hub-revision", "org/cli-rev", 0, ["adapter_config.json", "adapter_model.safetensors"]),
-        ("hub-subfolder", "org/cli-nested", 0, ["sub/adapter_config.json", "sub/adapter_model.safetensors"]),
+        ("hub-revision", "org/cli-rev", 0, ["sub/adapter_config.json", "sub/adapter_model.safetensors"]),
         ("hub-pickle", "org/cli-pickle", 1, ["adapter_config.json"]),  # the pickle: never
-        ("hub-missing", "org/cli-missing", 1, []),
     ],
 )
 def test_inspect_hub_id_fetches_only_what_loading_would(
@@ -258,22 +262,13 @@ def test_inspect_hub_id_reports_the_revision_asked_for(
     assert json.loads(runs["hub-json"].stdout)["dropout"] == {"lora_dropout": 0.1}
     assert json.loads(runs["hub-revision"].stdout)["dropout"] == {"lora_dropout": 0.2}
     assert "/api/models/org/cli-rev/revision/v2" in [r.path for r in log]
-    assert "loads safely: yes" in runs["hub-subfolder"].stdout
 
 
-@pytest.mark.parametrize(
-    ("run", "message"),
-    [
-        ("hub-pickle", "Pickle weights only"),
-        ("hub-missing", "the Hugging Face Hub has no repo 'org/cli-missing'"),
-    ],
-)
-def test_inspect_hub_failures_say_why(
-    hub_runs: tuple[dict[str, Run], list[Request]], run: str, message: str
-) -> None:
-    stderr = hub_runs[0][run].stderr
-    assert stderr.startswith("safe-lora: error: ")
-    assert message in stderr
+def test_inspect_pickle_only_hub_repo_says_why(hub_runs: tuple[dict[str, Run], list[Request]]) -> None:
+    run = hub_runs[0]["hub-pickle"]
+    assert "adapter_model.bin (pickle" in run.stdout  # its size from the hub's listing
+    assert run.stderr.startswith("safe-lora: error: ")
+    assert "Pickle weights only" in run.stderr
 
 
 # --- a Trainer output folder: the checkpoints listed, the latest inspected ----------------------------
