@@ -78,6 +78,13 @@ class AdapterLocation:
     weight_sizes: dict[str, int | None]
     hub: HubFolder | None = None
 
+    @property
+    def weights_format(self) -> WeightsFormat | None:
+        """The format the loaders would read: safetensors when present, else pickle; ``None``: neither."""
+        if SAFETENSORS_NAME in self.weight_sizes:
+            return "safetensors"
+        return "pickle" if PICKLE_NAME in self.weight_sizes else None
+
     def fetch(self, name: str) -> Path:
         """The local path of ``name`` (one of :attr:`weight_sizes`), downloaded from the hub if need be."""
         return self.folder / name if self.hub is None else self.hub.fetch(name)
@@ -234,9 +241,9 @@ def locate_adapter(
 
     hub = location.hub
     saved = config if config is not None else read_config(folder)
-    if SAFETENSORS_NAME in location.weight_sizes:
+    if location.weights_format == "safetensors":
         return AdapterFiles(folder, location.fetch(SAFETENSORS_NAME), "safetensors"), saved
-    if PICKLE_NAME in location.weight_sizes:
+    if location.weights_format == "pickle":
         if not allow_pickle:
             raise UnsafeAdapterError(
                 f"Refusing to download and unpickle {PICKLE_NAME} of {hub.label}: the adapter has no "

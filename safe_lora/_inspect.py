@@ -278,10 +278,7 @@ def inspect_adapter(
     )
     folder = location.folder
     # A pickle-only adapter is reported as a finding here, not raised; its pickle is never fetched.
-    sizes = location.weight_sizes
-    weights_format: WeightsFormat | None = (
-        "safetensors" if SAFETENSORS_NAME in sizes else "pickle" if PICKLE_NAME in sizes else None
-    )
+    sizes, weights_format = location.weight_sizes, location.weights_format
     weights = location.fetch(SAFETENSORS_NAME) if weights_format == "safetensors" else None
     files = AdapterFiles(folder, weights, weights_format)
     findings: list[Finding] = []
