@@ -23,9 +23,9 @@ from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 
 from safe_lora._config import dropout_rates
-from safe_lora._loading import AdapterSource, _attach, _peft_type, _Plan, _plan, _split_kwargs, base_of
+from safe_lora._loading import AdapterSource, _attach, _peft_type, _Plan, _plan, _split_kwargs
 from safe_lora._rollback import rollback_on_error, tensor_at
-from safe_lora._validate import compare, expected_keys
+from safe_lora._validate import base_of, compare, expected_keys
 from safe_lora.errors import (
     AdapterConfigError,
     AdapterExistsError,

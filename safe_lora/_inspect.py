@@ -31,9 +31,8 @@ from safe_lora._config import (
     AdapterFiles,
     WeightsFormat,
     dropout_rates,
-    find_files,
+    open_adapter,
     read_config,
-    resolve_adapter,
 )
 from safe_lora._validate import HeaderEntry, check_finite, iter_tensors, read_header
 from safe_lora.errors import AdapterConfigError, AdapterWeightsError, _fmt_keys
@@ -232,7 +231,9 @@ def inspect_adapter(
     check_values: bool = True,
     subfolder: str | None = None,
     revision: str | None = None,
+    token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    force_download: bool = False,
 ) -> AdapterReport:
     """Report what an adapter folder holds and whether safe_lora would load it, without a base model.
 
@@ -241,29 +242,45 @@ def inspect_adapter(
     at a time (the loaders refuse non-finite weights).
 
     Args:
-        adapter: A folder written by ``save_pretrained``, or a hub repo id already in the local cache.
+        adapter: A folder written by ``save_pretrained``, or a hub repo id. From a hub repo only what
+            the loaders would fetch is downloaded: ``adapter_config.json`` and
+            ``adapter_model.safetensors`` (a pickle-only repo's ``adapter_model.bin`` never: its size
+            comes from the hub's file listing).
         allow_pickle: Judge a folder with only ``adapter_model.bin`` as a loader called with
             ``allow_pickle=True`` would (a warning instead of an error). The pickle is never opened.
         check_values: Scan the tensors for NaN/inf; ``False`` reads the header only.
         subfolder: The adapter's folder inside ``adapter``, as the loaders take it.
-        revision: With a hub repo id, the cached revision to inspect.
-        cache_dir: With a hub repo id, the Hugging Face cache to look in.
+        revision: With a hub repo id, the branch, tag or commit to inspect.
+        token: With a hub repo id, the token for a gated or private repo.
+        cache_dir: With a hub repo id, the Hugging Face cache to use.
+        force_download: With a hub repo id, download again even when cached.
 
     Returns:
         The report; ``report.loads_safely`` is false when a finding has severity ``"error"``.
 
     Raises:
-        AdapterNotFoundError: The folder does not exist or holds no ``adapter_config.json``.
+        AdapterNotFoundError: The folder (or repo, revision) does not exist or holds no
+            ``adapter_config.json``.
+        AdapterAccessError: The hub refused the repo (gated or private: pass ``token=``).
 
     Example:
         >>> report = inspect_adapter("out/my-adapter")  # doctest: +SKIP
         >>> [f.code for f in report.findings]  # doctest: +SKIP
         ['live-dropout']
     """
-    hub = {"subfolder": subfolder, "revision": revision, "cache_dir": cache_dir}
-    folder = resolve_adapter(adapter, **{k: v for k, v in hub.items() if v is not None})
-    # allow_pickle=True: a pickle-only folder is reported as a finding here, not raised.
-    files = find_files(folder, allow_pickle=True)
+    location = open_adapter(
+        adapter,
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+    )
+    folder = location.folder
+    # A pickle-only adapter is reported as a finding here, not raised; its pickle is never fetched.
+    sizes, weights_format = location.weight_sizes, location.weights_format
+    weights = location.fetch(SAFETENSORS_NAME) if weights_format == "safetensors" else None
+    files = AdapterFiles(folder, weights, weights_format)
     findings: list[Finding] = []
     fields: dict[str, Any] = {}
 
@@ -277,8 +294,7 @@ def inspect_adapter(
         fields.update(_config_fields(config))
         findings.extend(_config_findings(config, fields))
 
-    weights_format = files.weights_format
-    weight_files, file_findings = _weight_files(files, allow_pickle=allow_pickle)
+    weight_files, file_findings = _weight_files(files, sizes, allow_pickle=allow_pickle)
     findings.extend(file_findings)
 
     if files.weights is not None and weights_format == "safetensors":
@@ -365,20 +381,20 @@ def _config_findings(config: PeftConfig, fields: dict[str, Any]) -> list[Finding
 # --------------------------------------------------------------------------------------------------
 
 
-def _weight_files(files: AdapterFiles, *, allow_pickle: bool) -> tuple[list[WeightFile], list[Finding]]:
-    """The weight files of the folder with their sizes, and what their layout means for loading.
+def _weight_files(
+    files: AdapterFiles, sizes: dict[str, int | None], *, allow_pickle: bool
+) -> tuple[list[WeightFile], list[Finding]]:
+    """The weight files of the adapter with their sizes, and what their layout means for loading.
 
-    Which file the loaders would pick is ``find_files``'s answer; this only describes it.
+    ``sizes`` holds every weights file the adapter has, downloaded or not (a hub repo's pickle is
+    never fetched). Which file the loaders would pick is ``locate_adapter``'s answer; this only
+    describes it.
     """
     layout: tuple[tuple[str, WeightsFormat], ...] = (
         (SAFETENSORS_NAME, "safetensors"),
         (PICKLE_NAME, "pickle"),
     )
-    present = [
-        WeightFile(name, fmt, (files.folder / name).stat().st_size)
-        for name, fmt in layout
-        if (files.folder / name).is_file()
-    ]
+    present = [WeightFile(name, fmt, sizes[name] or 0) for name, fmt in layout if name in sizes]
     pickle = next((f for f in present if f.format == "pickle"), None)
     if files.weights_format == "safetensors":
         if pickle is None:

@@ -34,19 +34,14 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
-from safe_lora._config import (
-    HUB_KWARGS,
-    AdapterFiles,
-    find_files,
-    prepared_copy,
-    read_config,
-    resolve_adapter,
-)
+from safe_lora._config import HUB_KWARGS, AdapterFiles, locate_adapter, prepared_copy
 from safe_lora._merge import merge as merge_adapter
 from safe_lora._rollback import Snapshot, rollback_on_error
 from safe_lora._validate import (
     Expected,
     HeaderEntry,
+    base_model_evidence,
+    base_of,
     check_finite,
     compare,
     expected_keys,
@@ -192,21 +187,6 @@ def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
 # --------------------------------------------------------------------------------------------------
 
 
-def base_of(model: nn.Module) -> nn.Module:
-    """The base model inside a ``PeftModel`` (or ``model`` itself).
-
-    Unlike ``PeftModel.get_base_model`` this also works once the last adapter was deleted (PEFT
-    then keeps a stale active adapter name, and ``get_base_model`` raises ``KeyError``).
-    """
-    if not isinstance(model, PeftModel):
-        return model
-    tuner: nn.Module = model.base_model
-    if getattr(model, "_is_prompt_learning", False):
-        return tuner
-    inner = tuner._modules.get("model")
-    return inner if inner is not None else tuner
-
-
 def _name_or_path(model: nn.Module) -> str:
     base = base_of(model)
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", "")
@@ -225,11 +205,11 @@ def _plan(
 ) -> _Plan:
     """Everything that can be checked on disk: folder, config, weights file and its header."""
     config = options.config
-    folder = resolve_adapter(source, **options.hub)
-    files = find_files(folder, allow_pickle=allow_pickle)
     if config is not None and not isinstance(config, PeftConfig):
         raise TypeError(f"config= must be a peft.PeftConfig, found {type(config).__name__}.")
-    saved = config if config is not None else read_config(folder)
+    # A hub id is downloaded here: the config first (read and checked), then the weights file.
+    files, saved = locate_adapter(source, allow_pickle=allow_pickle, config=config, **options.hub)
+    folder = files.folder
     prepared = prepared_copy(saved, dropout=dropout, inference_mode=not training)
     if options.ephemeral_gpu_offload is not None:
         runtime = getattr(prepared, "runtime_config", None)
@@ -264,11 +244,14 @@ def _plan(
 
     trained_on = getattr(prepared, "base_model_name_or_path", None) or ""
     loading_into = _name_or_path(model)
-    if trained_on and loading_into and trained_on != loading_into:
+    # Names alone prove nothing (a local mirror or a copied folder is the same base): warn only when
+    # the recorded base's config or the adapter's shapes disagree with this model.
+    evidence = base_model_evidence(model, prepared, header, trained_on=trained_on, loading_into=loading_into)
+    if evidence:
         warnings.warn(
-            f"Adapter {name!r} was trained on {trained_on!r} but is loaded into {loading_into!r} — "
-            f"keys and shapes are checked, but the outputs may be meaningless if the weights differ — "
-            f"load the base model the adapter was trained on.",
+            f"Adapter {name!r} was trained on {trained_on!r}, which is not the {loading_into!r} it is "
+            f"loaded into: {'; '.join(evidence)} — the outputs may be meaningless — load the base model "
+            f"the adapter was trained on.",
             BaseModelMismatchWarning,
             stacklevel=4,
         )

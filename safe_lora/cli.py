@@ -1,7 +1,8 @@
-"""The ``safe-lora`` command: ``demo``, ``inspect PATH`` and ``--version``.
+"""The ``safe-lora`` command: ``demo``, ``inspect ID_OR_PATH`` and ``--version``.
 
 Thin by design: argument parsing, dispatch, printing and exit codes. The work is done by
-:func:`safe_lora._demo.run_demo` and :func:`safe_lora._inspect.inspect_adapter`.
+:func:`safe_lora._demo.run_demo`, :func:`safe_lora._inspect.inspect_adapter` and
+:func:`safe_lora._config.trainer_checkpoints`.
 
 Exit codes: 0 success (for ``inspect``: the folder would load safely), 1 failure (the reason on
 stderr, never a traceback), 2 usage error, 130 interrupted.
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from safe_lora._version import __version__
@@ -99,14 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser(
         "inspect",
-        help="what is in an adapter folder, and would it load safely",
+        help="what is in an adapter (folder or hub repo), and would it load safely",
         description=(
-            "Report an adapter folder's PEFT type, rank, every dropout rate, targets, base model, "
+            "Report an adapter's PEFT type, rank, every dropout rate, targets, base model, "
             "weight files and tensor sizes (from the safetensors header; a pickle is never opened), "
-            "and what would go wrong. Exit 0 when safe_lora would load it, 1 when not."
+            "and what would go wrong. Exit 0 when safe_lora would load it, 1 when not. A hub repo id "
+            "is fetched as the loaders fetch it: adapter_config.json and adapter_model.safetensors, "
+            "nothing else. On a Trainer output folder (holding checkpoint-* adapters) the checkpoints "
+            "are listed and the latest is inspected."
         ),
     )
-    inspect.add_argument("path", metavar="PATH", help="adapter folder (or a repo id in the local HF cache)")
+    inspect.add_argument(
+        "path",
+        metavar="ID_OR_PATH",
+        help="adapter folder, Trainer output folder, or hub repo id (e.g. org/name)",
+    )
+    inspect.add_argument("--revision", metavar="R", help="hub branch, tag or commit (default: main)")
+    inspect.add_argument("--subfolder", metavar="S", help="the adapter's folder inside the repo or folder")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument(
         "--allow-pickle",
@@ -168,12 +180,26 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from safe_lora._config import CONFIG_NAME, trainer_checkpoints
     from safe_lora._inspect import inspect_adapter
 
-    report = inspect_adapter(args.path, allow_pickle=args.allow_pickle, check_values=not args.header_only)
+    target, checkpoints = args.path, []
+    if args.subfolder is None and not (Path(args.path) / CONFIG_NAME).is_file():
+        checkpoints = trainer_checkpoints(args.path)  # a Trainer output folder: the latest checkpoint
+        target = checkpoints[-1] if checkpoints else args.path
+    report = inspect_adapter(
+        target,
+        allow_pickle=args.allow_pickle,
+        check_values=not args.header_only,
+        subfolder=args.subfolder,
+        revision=args.revision,
+    )
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        listed = {"checkpoints": [os.fspath(p) for p in checkpoints]} if checkpoints else {}
+        print(json.dumps({**listed, **report.to_dict()}, indent=2))
     else:
+        if checkpoints:
+            print(render_checkpoints(args.path, checkpoints) + "\n")
         print(render_inspect(report))
     if not report.loads_safely:
         reasons = "\n".join(f"  - {f.message}" for f in report.errors)
@@ -262,6 +288,25 @@ def _fmt(value: Any) -> str:
 
 def _wrap(text: str, indent: str) -> list[str]:
     return textwrap.wrap(text, WRAP, initial_indent=indent, subsequent_indent=indent + "  ") or [indent]
+
+
+def render_checkpoints(folder: str, checkpoints: list[Path]) -> str:
+    """The lines ``safe-lora inspect`` prints above the report of a Trainer output folder's latest checkpoint.
+
+    Args:
+        folder: The folder given on the command line.
+        checkpoints: Its ``checkpoint-*`` adapters, oldest first (see ``trainer_checkpoints``).
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    names = ", ".join(p.name for p in checkpoints)
+    lines = [f"checkpoints  {folder} holds {len(checkpoints)} Trainer checkpoint(s): {names}"]
+    lines += _wrap(
+        f"inspecting the latest: {checkpoints[-1].name} (give a checkpoint's path to inspect another)",
+        " " * 13,
+    )
+    return "\n".join(lines)
 
 
 def render_inspect(report: AdapterReport) -> str:

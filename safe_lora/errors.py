@@ -15,12 +15,14 @@ if TYPE_CHECKING:
     from safe_lora._dropout import DropoutSite
 
 __all__ = [
+    "AdapterAccessError",
     "AdapterConfigError",
     "AdapterExistsError",
     "AdapterMergeError",
     "AdapterNotFoundError",
     "AdapterWeightsError",
     "BaseModelMismatchWarning",
+    "HubUnreachableWarning",
     "NoAdapterWarning",
     "NondeterministicModelError",
     "SafeLoraError",
@@ -54,6 +56,23 @@ class AdapterNotFoundError(SafeLoraError, FileNotFoundError):
     def __init__(self, message: str, *, path: str | os.PathLike[str]) -> None:
         super().__init__(message)
         self.path = os.fspath(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class AdapterAccessError(SafeLoraError, PermissionError):
+    """The Hugging Face Hub refused an adapter's files: a gated or private repo, or a token without access.
+
+    Attributes:
+        path: The hub repo id.
+        status: The HTTP status the hub answered with (401, 403), when known.
+    """
+
+    def __init__(self, message: str, *, path: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.status = status
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -168,6 +187,10 @@ class SafeLoraWarning(UserWarning):
 
 class BaseModelMismatchWarning(SafeLoraWarning):
     """The adapter was trained on a different base model than the one it is loaded into."""
+
+
+class HubUnreachableWarning(SafeLoraWarning):
+    """The Hugging Face Hub could not be reached; the adapter was loaded from the local cache instead."""
 
 
 class NoAdapterWarning(SafeLoraWarning):

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_mlp, save_adapter
+from hub_server import HubServer, Request, folder_files
 from peft import LoraConfig
 from safetensors.torch import load_file
 
 import safe_lora._demo as demo_module
 import safe_lora._inspect as inspect_module
-from safe_lora import __version__, inspect_adapter
+from safe_lora import AdapterNotFoundError, __version__, inspect_adapter, load_for_inference
 from safe_lora._demo import DemoReport, OutputCount, VariantResult, run_demo
 from safe_lora.cli import _bar_char, main, render_demo
 
@@ -188,6 +189,119 @@ def test_inspect_missing_folder_prints_no_json(runs: dict[str, Run]) -> None:
     assert runs["inspect-missing"].stdout == ""
 
 
+# --- inspect a hub repo id: downloads like the loaders, the same two files only ----------------------
+
+EXTRAS = {"README.md": b"# adapter\n", "optimizer.pt": b"\x80opt", "training_args.bin": b"\x80args"}
+
+
+@pytest.fixture(scope="module")
+def hub_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Run], list[Request]]:
+    """``safe-lora inspect`` on hub ids, run as subprocesses against the local hub (``hub_server.py``)."""
+    root = tmp_path_factory.mktemp("cli-hub")
+    folders = _prepare_folders(root)
+    v2 = save_adapter(make_mlp(), LoraConfig(target_modules=["fc1"], r=4, lora_dropout=0.2), root / "v2")
+    good = {**folder_files(folders["good"]), **EXTRAS}
+    server = HubServer()
+    server.add_repo("org/cli-adapter", {"main": good})
+    server.add_repo("org/cli-rev", {"main": good, "v2": {**folder_files(v2, "sub/"), **EXTRAS}})
+    server.add_repo("org/cli-pickle", {"main": {**folder_files(folders["pickle"]), **EXTRAS}})
+    commands = {  # each run pays the torch/peft import: few, started together
+        "hub-json": [*PYTHON, "inspect", "org/cli-adapter", "--json"],
+        "hub-revision": [
+            *PYTHON,
+            "inspect",
+            "org/cli-rev",
+            "--revision",
+            "v2",
+            "--subfolder",
+            "sub",
+            "--json",
+        ],
+        "hub-pickle": [*PYTHON, "inspect", "org/cli-pickle"],
+    }
+    with server:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env = {**clean, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(root / "hf")}
+        env |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONIOENCODING": "utf-8"}
+        started = {
+            name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for name, argv in commands.items()
+        }
+        done = {}
+        for name, process in started.items():
+            stdout, stderr = process.communicate(timeout=300)
+            done[name] = Run(process.returncode, stdout, stderr)
+    return done, list(server.log)
+
+
+def _fetched(log: list[Request], repo: str) -> list[str]:
+    return sorted({r.resolved_file for r in log if r.repo == repo and r.resolved_file})
+
+
+@pytest.mark.parametrize(
+    ("run", "repo", "code", "fetched"),
+    [
+        ("hub-json", "org/cli-adapter", 0, ["adapter_config.json", "adapter_model.safetensors"]),
+        ("hub-revision", "org/cli-rev", 0, ["sub/adapter_config.json", "sub/adapter_model.safetensors"]),
+        ("hub-pickle", "org/cli-pickle", 1, ["adapter_config.json"]),  # the pickle: never
+    ],
+)
+def test_inspect_hub_id_fetches_only_what_loading_would(
+    hub_runs: tuple[dict[str, Run], list[Request]], run: str, repo: str, code: int, fetched: list[str]
+) -> None:
+    runs, log = hub_runs
+    assert runs[run].returncode == code, runs[run].stderr
+    assert "Traceback" not in runs[run].stderr
+    assert _fetched(log, repo) == fetched
+
+
+def test_inspect_hub_id_reports_the_revision_asked_for(
+    hub_runs: tuple[dict[str, Run], list[Request]],
+) -> None:
+    runs, log = hub_runs
+    assert json.loads(runs["hub-json"].stdout)["dropout"] == {"lora_dropout": 0.1}
+    assert json.loads(runs["hub-revision"].stdout)["dropout"] == {"lora_dropout": 0.2}
+    assert "/api/models/org/cli-rev/revision/v2" in [r.path for r in log]
+
+
+def test_inspect_pickle_only_hub_repo_says_why(hub_runs: tuple[dict[str, Run], list[Request]]) -> None:
+    run = hub_runs[0]["hub-pickle"]
+    assert "adapter_model.bin (pickle" in run.stdout  # its size from the hub's listing
+    assert run.stderr.startswith("safe-lora: error: ")
+    assert "Pickle weights only" in run.stderr
+
+
+# --- a Trainer output folder: the checkpoints listed, the latest inspected ----------------------------
+
+
+def _trainer_run(root: Path) -> Path:
+    for step in (500, 1500, 1000):  # written out of order: the step decides, not the name
+        save_adapter(make_mlp(), LoraConfig(target_modules=["fc1"], r=4), root / "run" / f"checkpoint-{step}")
+    (root / "run" / "checkpoint-2000").mkdir()  # an unfinished save: no adapter_config.json
+    return root / "run"
+
+
+def test_inspect_trainer_folder_lists_checkpoints_and_inspects_the_latest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _trainer_run(tmp_path)
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} holds 3 Trainer checkpoint(s): checkpoint-500, checkpoint-1000, checkpoint-1500" in out
+    assert "inspecting the latest: checkpoint-1500" in out
+    assert f"adapter  {run / 'checkpoint-1500'}" in out
+    assert main(["inspect", str(run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["checkpoints"] == [str(run / f"checkpoint-{s}") for s in (500, 1000, 1500)]
+    assert data["path"] == str(run / "checkpoint-1500")
+
+
+def test_loading_a_trainer_folder_names_its_checkpoints(tmp_path: Path) -> None:
+    run = _trainer_run(tmp_path)
+    with pytest.raises(AdapterNotFoundError, match=r"Trainer output folder: pass one of its checkpoints"):
+        load_for_inference(make_mlp(), run)
+
+
 # --- in-process: usage, JSON, failure paths -------------------------------------------------------
 
 
@@ -200,7 +314,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "message"),
     [
         ([], "expected a command"),
-        (["inspect"], "the following arguments are required: PATH"),
+        (["inspect"], "the following arguments are required: ID_OR_PATH"),
         (["demo", "--trials", "0"], "expected 1 to 100000, found 0"),
         (["demo", "--trials", "many"], "expected an integer, found 'many'"),
         (["demo", "--dropout", "1"], "expected a number in [0, 1), found 1"),

@@ -372,17 +372,66 @@ def test_is_trainable_kwarg_is_refused(mlp_adapter: Path) -> None:
 # --- base model mismatch, hub ids --------------------------------------------------------------
 
 
-def test_base_model_mismatch_warns(tmp_path: Path) -> None:
-    config = LoraConfig(target_modules=["q_proj", "v_proj"], r=2, task_type="CAUSAL_LM")
-    path = save_adapter(tiny_llama(), config, tmp_path / "a")
-    other = tiny_llama()
-    other.config.name_or_path = "someone/else"
-    other.name_or_path = "someone/else"
-    with pytest.warns(BaseModelMismatchWarning, match="trained on 'tiny-llama'.*'someone/else'"):
-        load_for_inference(other, path)
-    with warnings.catch_warnings():
+def _named(model: nn.Module, name: str) -> nn.Module:
+    model.config.name_or_path = name
+    model.name_or_path = name
+    return model
+
+
+def _lora_llama() -> LoraConfig:
+    return LoraConfig(target_modules=["q_proj", "v_proj"], r=2, task_type="CAUSAL_LM")
+
+
+@pytest.mark.parametrize("kind", ["hub id vs local path", "copied folder"])
+def test_same_base_under_another_name_does_not_warn(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transformers import LlamaForCausalLM
+
+    if kind == "copied folder":  # the recorded base's config.json is readable: it agrees
+        tiny_llama().save_pretrained(tmp_path / "base")
+        trained_on = str(tmp_path / "base")
+        shutil.copytree(tmp_path / "base", tmp_path / "mirror")
+        model = LlamaForCausalLM.from_pretrained(tmp_path / "mirror")
+    else:  # "org/base" is not in the cache: only the shapes can speak, and they agree
+        trained_on = "org/base"
+        model = _named(tiny_llama(), "/models/base")
+    path = save_adapter(_named(tiny_llama(), trained_on), _lora_llama(), tmp_path / "a")
+    with warnings.catch_warnings(), caplog.at_level("DEBUG", logger="safe_lora._validate"):
         warnings.simplefilter("error", BaseModelMismatchWarning)
-        load_for_inference(tiny_llama(), path)
+        load_for_inference(model, path)
+    assert f"trained on {trained_on!r} is loaded into" in caplog.text
+    assert "different names" in caplog.text
+
+
+def test_other_architecture_under_another_name_warns(tmp_path: Path) -> None:
+    from transformers import MistralConfig
+
+    # The recorded base is a Mistral with Llama's exact sizes: every key and shape fits.
+    fields = tiny_llama().config.to_dict()
+    sizes = {k: fields[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
+    MistralConfig(**sizes, num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path / "mistral")
+    path = save_adapter(_named(tiny_llama(), str(tmp_path / "mistral")), _lora_llama(), tmp_path / "a")
+    with pytest.warns(
+        BaseModelMismatchWarning, match="model_type: the adapter's base is 'mistral', this model's is 'llama'"
+    ):
+        model = load_for_inference(tiny_llama(), path)
+    assert isinstance(model, PeftModel)  # a warning, not a refusal: the shapes do fit
+
+
+def test_other_shapes_under_another_name_warn_and_are_refused(tmp_path: Path) -> None:
+    config = LoraConfig(target_modules=["down_proj"], r=2, task_type="CAUSAL_LM")
+    path = save_adapter(tiny_llama(), config, tmp_path / "a")  # intermediate_size 64
+    other = _named(tiny_llama(intermediate_size=48), "someone/else")
+    before = snapshot(other)
+    with (
+        pytest.warns(
+            BaseModelMismatchWarning, match=r"down_proj\.in_features \(64 in the adapter, 48 here\)"
+        ),
+        pytest.raises(AdapterWeightsError, match="wrong shape"),
+    ):
+        load_for_inference(other, path)
+    assert_unchanged(other, before)
 
 
 def test_uncached_hub_id_is_not_found(tmp_path: Path, mlp: MLP) -> None:
