@@ -117,3 +117,32 @@ def assert_unchanged(model: nn.Module, before: Snapshot) -> None:
     assert after["state"].keys() == before["state"].keys()
     for key, value in before["state"].items():
         assert torch.equal(after["state"][key], value), key
+
+
+# The bases of the fidelity matrix (issue 9): the tiny Llama in each dtype people load models in,
+# and quantized by bitsandbytes (which runs 4-bit and 8-bit on CPU).
+BASE_KINDS = ("fp32", "bf16", "fp16", "bnb4-fp32", "bnb4-bf16", "bnb8")
+
+
+def tiny_llama_as(kind: str, folder: Path) -> Any:
+    """The tiny Llama saved in ``folder`` (``tiny_llama().save_pretrained``) as one of ``BASE_KINDS``.
+
+    Half precision is a cast of the fp32 weights; the bnb kinds go through ``from_pretrained`` with a
+    ``BitsAndBytesConfig``, as a QLoRA user loads them (``bnb4-bf16`` also keeps its unquantized
+    weights in bf16, as QLoRA recipes do). In eval mode, as from_pretrained gives.
+    """
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if kind in dtypes:
+        return tiny_llama().to(dtypes[kind]).eval()
+    quantization = {
+        "bnb4-fp32": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        "bnb4-bf16": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),
+        "bnb8": BitsAndBytesConfig(load_in_8bit=True),
+    }[kind]
+    dtype = torch.bfloat16 if kind == "bnb4-bf16" else torch.float32
+    model = LlamaForCausalLM.from_pretrained(
+        os.fspath(folder), quantization_config=quantization, dtype=dtype, device_map="cpu"
+    )
+    return model.eval()
