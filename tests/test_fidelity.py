@@ -396,8 +396,10 @@ MEANINGLESS: dict[Key, str] = {
 RAW_BROKEN: dict[Key, tuple[str, type[BaseException]]] = {
     **{
         ("bnb8", variant, loader): (
-            "raw PEFT: DoRA on an 8-bit base fails at its second forward -- the first one's weight-norm "
-            "dequantization leaves the Int8 state without SCB (bitsandbytes int8_mm_dequant gets None)",
+            "raw PEFT: DoRA on an 8-bit base fails at its second forward, inside bitsandbytes "
+            "(int8_mm_dequant gets col_stats=None); plain LoRA on that base repeats fine. Likely cause: "
+            "DoRA's per-forward dequantize_module_weight re-assigns the Int8Params "
+            "(peft/utils/integrations.py:112) after the first forward moved its SCB into the layer state",
             RawPeftBroken,
         )
         for variant in ("dora", "dora-embedding")
