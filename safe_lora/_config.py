@@ -398,6 +398,24 @@ def dropout_rates(config: PeftConfig) -> dict[str, float]:
     return rates
 
 
+# Rates that decide whether Dropout modules exist at all inside an ``nn.Sequential`` (X-LoRA's
+# classifier): turning one to or from 0 adds or removes modules and shifts every later index, so the
+# saved keys would no longer fit. The copy keeps the saved rate for these; the loader sets the
+# rate on the built modules instead. Maps the field to the tuner attribute holding those modules.
+STRUCTURAL_RATES = {"xlora_dropout_p": "internal_xlora_classifier"}
+
+
+def structural_overrides(config: PeftConfig, dropout: float | None) -> dict[str, float]:
+    """The structural rates (:data:`STRUCTURAL_RATES`) the copy keeps but the caller wants otherwise."""
+    if dropout is None:
+        return {}
+    return {
+        name: float(dropout)
+        for name, rate in dropout_rates(config).items()
+        if name in STRUCTURAL_RATES and (rate > 0) != (dropout > 0)
+    }
+
+
 def prepared_copy(config: PeftConfig, *, dropout: float | None, inference_mode: bool) -> PeftConfig:
     """A deep copy of ``config`` with every dropout rate set to ``dropout`` and ``inference_mode`` set.
 
@@ -413,7 +431,9 @@ def prepared_copy(config: PeftConfig, *, dropout: float | None, inference_mode: 
         raise ValueError(f"dropout must be in [0, 1) or None, found {dropout!r} — pass e.g. dropout=0.0.")
     prepared = copy.deepcopy(config)
     if dropout is not None:
+        keep = structural_overrides(config, dropout)
         for name in dropout_rates(prepared):
-            setattr(prepared, name, float(dropout))
+            if name not in keep:
+                setattr(prepared, name, float(dropout))
     prepared.inference_mode = inference_mode
     return prepared

@@ -34,7 +34,14 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
-from safe_lora._config import HUB_KWARGS, AdapterFiles, locate_adapter, prepared_copy
+from safe_lora._config import (
+    HUB_KWARGS,
+    STRUCTURAL_RATES,
+    AdapterFiles,
+    locate_adapter,
+    prepared_copy,
+    structural_overrides,
+)
 from safe_lora._merge import merge as merge_adapter
 from safe_lora._rollback import Snapshot, rollback_on_error
 from safe_lora._validate import (
@@ -72,6 +79,8 @@ class _Plan:
     header: dict[str, HeaderEntry]
     # Read once for the NaN/inf check and handed to PEFT, so the file is not read twice.
     tensors: dict[str, torch.Tensor]
+    # Rates set on the built modules after the load rather than in the config (STRUCTURAL_RATES).
+    rates_after_load: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,6 +220,7 @@ def _plan(
     files, saved = locate_adapter(source, allow_pickle=allow_pickle, config=config, **options.hub)
     folder = files.folder
     prepared = prepared_copy(saved, dropout=dropout, inference_mode=not training)
+    rates_after_load = structural_overrides(saved, dropout)
     if options.ephemeral_gpu_offload is not None:
         runtime = getattr(prepared, "runtime_config", None)
         if runtime is None:
@@ -256,7 +266,13 @@ def _plan(
             stacklevel=4,
         )
     return _Plan(
-        name=name, files=files, weights=files.weights, config=prepared, header=header, tensors=tensors
+        name=name,
+        files=files,
+        weights=files.weights,
+        config=prepared,
+        header=header,
+        tensors=tensors,
+        rates_after_load=rates_after_load,
     )
 
 
@@ -473,6 +489,9 @@ def _attach(
             ) from exc
 
         missing, unexpected = _verdict(peft_model, plan, result, report, snapshot, strict=strict)
+        if options.low_cpu_mem_usage:
+            _refuse_meta(peft_model, plan)
+    _set_rates_after_load(peft_model, plan)
     replay()
     if missing or unexpected:
         warnings.warn(
@@ -483,6 +502,36 @@ def _attach(
             stacklevel=4,
         )
     return peft_model
+
+
+def _refuse_meta(peft_model: PeftModel, plan: _Plan) -> None:
+    """With ``low_cpu_mem_usage=True`` PEFT creates tensors on the meta device and some code paths
+    never give them storage (layer replication, 8-bit DoRA, X-LoRA's classifier): such a model
+    loads "fine" and fails at its first forward. Refuse it instead."""
+    left = sorted(
+        name
+        for name, tensor in (*peft_model.named_parameters(), *peft_model.named_buffers())
+        if tensor.device.type == "meta"
+    )
+    if left:
+        raise AdapterConfigError(
+            f"Adapter {plan.name!r} from {os.fspath(plan.files.folder)!r} did not load with "
+            f"low_cpu_mem_usage=True: PEFT left {len(left)} tensor(s) on the meta device "
+            f"({_fmt_keys(left)}) — expected every tensor to hold the file's or the base's values — "
+            f"load it without low_cpu_mem_usage=True.",
+            path=plan.files.folder,
+        )
+
+
+def _set_rates_after_load(peft_model: PeftModel, plan: _Plan) -> None:
+    """Give the Dropout modules of a structural rate (X-LoRA's classifier) the rate asked for."""
+    for field_name, rate in plan.rates_after_load.items():
+        holder = getattr(peft_model.base_model, STRUCTURAL_RATES[field_name], None)
+        if isinstance(holder, nn.Module):
+            for module in holder.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = rate
+        setattr(peft_model.peft_config[plan.name], field_name, rate)
 
 
 def _inject(

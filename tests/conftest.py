@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,32 +53,9 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
     return model.eval()
 
 
-def llama_in(kind: str, folder: Path) -> nn.Module:
-    """:func:`tiny_llama` in one of the precisions people load adapters into, in eval mode.
-
-    ``kind`` is ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"bnb4"`` (4-bit, fp32 compute), ``"bnb4-bf16"``
-    (4-bit, bf16 compute) or ``"bnb8"``; the quantized ones are loaded from ``folder`` (the
-    :func:`llama_folder` fixture) by transformers, as ``from_pretrained`` users get them.
-    """
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if kind in dtypes:
-        return tiny_llama().to(dtypes[kind])  # type: ignore[no-any-return]
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    quant = {
-        "bnb4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
-        "bnb4-bf16": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),
-        "bnb8": BitsAndBytesConfig(load_in_8bit=True),
-    }[kind]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # bitsandbytes' notes on CPU casts
-        model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu")
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """:func:`tiny_llama` saved with ``save_pretrained``, for the quantized bases of :func:`llama_in`."""
+    """:func:`tiny_llama` saved with ``save_pretrained``, for the bases of :func:`tiny_llama_as`."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama().save_pretrained(folder)
     return folder
@@ -149,3 +125,32 @@ def assert_unchanged(model: nn.Module, before: Snapshot) -> None:
     assert after["state"].keys() == before["state"].keys()
     for key, value in before["state"].items():
         assert torch.equal(after["state"][key], value), key
+
+
+# The bases of the fidelity matrix (issue 9): the tiny Llama in each dtype people load models in,
+# and quantized by bitsandbytes (which runs 4-bit and 8-bit on CPU).
+BASE_KINDS = ("fp32", "bf16", "fp16", "bnb4-fp32", "bnb4-bf16", "bnb8")
+
+
+def tiny_llama_as(kind: str, folder: Path) -> Any:
+    """The tiny Llama saved in ``folder`` (``tiny_llama().save_pretrained``) as one of ``BASE_KINDS``.
+
+    Half precision is a cast of the fp32 weights; the bnb kinds go through ``from_pretrained`` with a
+    ``BitsAndBytesConfig``, as a QLoRA user loads them (``bnb4-bf16`` also keeps its unquantized
+    weights in bf16, as QLoRA recipes do). In eval mode, as from_pretrained gives.
+    """
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if kind in dtypes:
+        return tiny_llama().to(dtypes[kind]).eval()
+    quantization = {
+        "bnb4-fp32": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        "bnb4-bf16": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),
+        "bnb8": BitsAndBytesConfig(load_in_8bit=True),
+    }[kind]
+    dtype = torch.bfloat16 if kind == "bnb4-bf16" else torch.float32
+    model = LlamaForCausalLM.from_pretrained(
+        os.fspath(folder), quantization_config=quantization, dtype=dtype, device_map="cpu"
+    )
+    return model.eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_unchanged, llama_in, save_adapter, snapshot
+from conftest import assert_unchanged, save_adapter, snapshot, tiny_llama_as
 from peft import LoraConfig, PeftModel
 from torch import nn
 
@@ -66,8 +66,8 @@ def test_alora_cannot_merge_and_leaves_the_model(tmp_path: Path, llama_folder: P
     config = LoraConfig(
         target_modules=["q_proj", "v_proj"], r=2, alora_invocation_tokens=[3, 4], task_type="CAUSAL_LM"
     )
-    path = save_adapter(llama_in("fp32", llama_folder), config, tmp_path / "alora")
-    model = llama_in("fp32", llama_folder)
+    path = save_adapter(tiny_llama_as("fp32", llama_folder), config, tmp_path / "alora")
+    model = tiny_llama_as("fp32", llama_folder)
     before = snapshot(model)
     with pytest.raises(AdapterMergeError, match="aLoRA does not support merging"):
         load_for_inference(model, path, merge=True)
@@ -78,20 +78,20 @@ def _messages(caught: list[warnings.WarningMessage]) -> Counter[str]:
     return Counter(str(w.message) for w in caught if "safe_lora" not in (w.filename or ""))
 
 
-@pytest.mark.parametrize("kind", ["bnb4", "bnb4-bf16", "bnb8"])
+@pytest.mark.parametrize("kind", ["bnb4-fp32", "bnb4-bf16", "bnb8"])
 def test_merges_bitsandbytes_bases_like_peft_with_its_rounding_warning(
     kind: str, tmp_path: Path, llama_folder: Path
 ) -> None:
     config = LoraConfig(
         target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False, task_type="CAUSAL_LM"
     )
-    path = save_adapter(llama_in(kind, llama_folder), config, tmp_path / kind)
+    path = save_adapter(tiny_llama_as(kind, llama_folder), config, tmp_path / kind)
     with warnings.catch_warnings(record=True) as raw_caught:
         warnings.simplefilter("always")
-        raw = PeftModel.from_pretrained(llama_in(kind, llama_folder), str(path)).merge_and_unload()
+        raw = PeftModel.from_pretrained(tiny_llama_as(kind, llama_folder), str(path)).merge_and_unload()
     with warnings.catch_warnings(record=True) as ours_caught:
         warnings.simplefilter("always")
-        merged = load_for_inference(llama_in(kind, llama_folder), path, merge=True)
+        merged = load_for_inference(tiny_llama_as(kind, llama_folder), path, merge=True)
     ours, theirs = _messages(ours_caught), _messages(raw_caught)
     rounding = [m for m in theirs if "may get different generations due to rounding errors" in m]
     assert rounding  # raw PEFT warns, once per merged layer

@@ -12,7 +12,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import assert_unchanged, llama_in, make_mlp, save_adapter, snapshot, tiny_llama
+from conftest import assert_unchanged, make_mlp, save_adapter, snapshot, tiny_llama, tiny_llama_as
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -23,7 +23,7 @@ from safe_lora._rollback import Snapshot
 IDS = torch.tensor([[1, 5, 9, 3, 2]])
 
 
-BASES = ["fp32", "bf16", "bnb4", "bnb8"]
+BASES = ["fp32", "bf16", "bnb4-fp32", "bnb8"]
 
 
 def quant_state(model: nn.Module) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def _misfit_adapter(kind: str, folder: Path, init: str, tmp: Path) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = get_peft_model(llama_in(kind, folder), config)
+            model = get_peft_model(tiny_llama_as(kind, folder), config)
     except (ValueError, TypeError) as exc:  # raw PEFT refuses some inits on quantized weights
         pytest.skip(f"raw PEFT cannot create a {init} adapter on a {kind} base: {exc}")
     model.save_pretrained(tmp / "adapter")
@@ -82,7 +82,7 @@ def test_a_refused_load_leaves_every_tensor_bit_identical(
     kind: str, init: str, strict: bool, llama_folder: Path, tmp_path: Path
 ) -> None:
     adapter = _misfit_adapter(kind, llama_folder, init, tmp_path)
-    model = llama_in(kind, llama_folder)
+    model = tiny_llama_as(kind, llama_folder)
     with torch.no_grad():
         # First: bnb's 8-bit layer moves its quantization state off the weight on its first forward.
         expected = model(IDS).logits
