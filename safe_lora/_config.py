@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
+import functools
 import json
 import math
 import os
 import re
 import stat
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import peft
 from peft import PeftConfig
@@ -356,6 +360,91 @@ class ParsedConfig:
         )
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: leave the values to PEFT
+        return {}
+
+
+def _describe(annotation: Any) -> str:
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    return re.sub(r"(?:\w+\.)+(\w+)", r"\1", text).replace("NoneType", "None")  # no module paths
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value can be what ``annotation`` declares.
+
+    Deliberately loose where PEFT itself is: any number for ``int``/``float`` (``lora_alpha`` is
+    declared ``int`` and saved as ``16.0`` all the time), any string for a ``Literal`` of strings or
+    an enum (PEFT checks the values), a dict for a sub-config; an annotation not understood here
+    passes.
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin is Union or origin is types.UnionType:
+        return any(_fits(value, arg) for arg in args)
+    if origin is Literal:
+        return any(_fits(value, type(arg)) for arg in args)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, (str, annotation))
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return isinstance(value, (dict, annotation))
+    if annotation in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False
+        return len(args) != 2 or all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return True
+
+
+def wrong_types(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """The values that cannot be of their field's declared type, by (dotted) name, with that type.
+
+    PEFT does not check types: ``"monteclora_config": true`` loads and fails at the first forward,
+    ``"use_dora": "no"`` switches DoRA on. Sub-config dicts are checked against their own fields.
+
+    Example:
+        >>> from peft import LoraConfig
+        >>> wrong_types(LoraConfig, {"r": 8, "modules_to_save": False})
+        {'modules_to_save': (False, 'Optional[list[str]]')}
+    """
+    hints = _type_hints(cls)
+    # PEFT declares some fields `int` with a None default, filled in when the model is built
+    # (num_virtual_tokens, token_dim, ...): None is what an unfilled one is saved as.
+    fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+    none_default = {f.name for f in fields if f.default is None}
+    bad: dict[str, tuple[Any, str]] = {}
+    for name, value in values.items():
+        if name not in hints or (value is None and name in none_default):
+            continue
+        annotation = hints[name]
+        if not _fits(value, annotation):
+            bad[f"{prefix}{name}"] = (value, _describe(annotation))
+            continue
+        if isinstance(value, dict):  # a sub-config: its own fields too
+            nested = [a for a in (annotation, *typing.get_args(annotation)) if dataclasses.is_dataclass(a)]
+            if nested and isinstance(nested[0], type):
+                bad.update(wrong_types(nested[0], value, f"{prefix}{name}."))
+    return dict(sorted(bad.items()))
+
+
 def parse_config(raw: dict[str, Any], *, path: Path) -> ParsedConfig:
     """Build the PEFT config from a parsed ``adapter_config.json`` the way ``from_pretrained`` does.
 
@@ -380,8 +469,20 @@ def parse_config(raw: dict[str, Any], *, path: Path) -> ParsedConfig:
     cls: Any = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]  # type: ignore[index]  # keys are a str enum
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = {k: v for k, v in raw.items() if k not in fields and k not in _PEFT_DROPS}
-    # Only what __init__ takes, as PEFT's own forward-compatibility filter does.
-    kwargs = {k: v for k, v in raw.items() if k in fields and fields[k].init}
+    # Only what __init__ takes, as PEFT's own forward-compatibility filter does; never runtime_config.
+    kwargs = {k: v for k, v in raw.items() if k in fields and fields[k].init and k not in _PEFT_DROPS}
+    mistyped = wrong_types(cls, kwargs)
+    if mistyped:
+        shown = "; ".join(
+            f"{name}={value!r} (expected {expected})" for name, (value, expected) in mistyped.items()
+        )
+        raise AdapterConfigError(
+            f"Adapter config has values of the wrong type in {where!r}: {shown} — expected the types "
+            f"peft's {cls.__name__} declares (PEFT does not check them and fails later, or loads "
+            f"something else) — re-save the adapter with save_pretrained, or fix those fields.",
+            path=path,
+            fields=list(mistyped),
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT's notes on the values; errors are raised below
