@@ -42,10 +42,12 @@ from safe_lora._config import (
 from safe_lora._validate import (
     HeaderEntry,
     check_finite,
+    dtype_message,
     iter_tensors,
     layer_param_names,
     lazy_tensors,
     noop_adapter,
+    noop_message,
     read_header,
     tuner_class,
     wrong_dtypes,
@@ -517,17 +519,7 @@ def _header_findings(
     findings = [] if config is None else _key_findings(header, config, where)
     bad_dtypes = {} if config is None else wrong_dtypes(config, header)
     if bad_dtypes:
-        shown = _fmt_keys(f"{k} ({v})" for k, v in bad_dtypes.items())
-        findings.append(
-            Finding(
-                "error",
-                "wrong-dtype",
-                f"Adapter weights have dtypes the adapter cannot hold in {where!r}: {shown} — expected "
-                f"float16/bfloat16/float32/float64 adapter tensors (integer only for index buffers) — "
-                f"the file is corrupt or was edited; re-save or re-download the adapter.",
-                tuple(bad_dtypes),
-            )
-        )
+        findings.append(Finding("error", "wrong-dtype", dtype_message(path, bad_dtypes), tuple(bad_dtypes)))
     if check_values:
         try:
             check_finite(path, iter_tensors(path))
@@ -550,17 +542,7 @@ def _noop_findings(path: Path, config: PeftConfig | None) -> list[Finding]:
         return [Finding("error", "weights-corrupt", str(exc))]
     if not noop:
         return []
-    peft_type = _enum_value(config.peft_type)
-    return [
-        Finding(
-            "warning",
-            "noop-adapter",
-            f"Adapter changes nothing: every output factor of its {peft_type} layers is exactly zero "
-            f"(or at its identity value), so a model with it computes what the base model computes — "
-            f"it was probably saved before the first training step, or its weights were gathered "
-            f"wrongly; use the trained checkpoint.",
-        )
-    ]
+    return [Finding("warning", "noop-adapter", noop_message(config, f"Adapter {os.fspath(path.parent)!r}"))]
 
 
 def _matches_targets(config: PeftConfig, module_path: str) -> bool | None:

@@ -313,6 +313,16 @@ def wrong_dtypes(config: PeftConfig, header: Mapping[str, HeaderEntry]) -> dict[
     return dict(sorted(bad.items()))
 
 
+def dtype_message(path: Path, bad: Mapping[str, str]) -> str:
+    """The refusal for :func:`wrong_dtypes`' findings, naming the keys and their dtypes."""
+    shown = _fmt_keys(f"{k} ({v})" for k, v in bad.items())
+    return (
+        f"Adapter weights have dtypes the adapter cannot hold in {os.fspath(path)!r}: {shown} — "
+        f"expected float16/bfloat16/float32/float64 adapter tensors (integer only for index buffers) "
+        f"— the file is corrupt or was edited; re-save or re-download the adapter."
+    )
+
+
 def check_dtypes(path: Path, config: PeftConfig, header: Mapping[str, HeaderEntry]) -> None:
     """Raise if a tensor's dtype is one the adapter cannot hold (see :func:`wrong_dtypes`).
 
@@ -321,14 +331,7 @@ def check_dtypes(path: Path, config: PeftConfig, header: Mapping[str, HeaderEntr
     """
     bad = wrong_dtypes(config, header)
     if bad:
-        shown = _fmt_keys(f"{k} ({v})" for k, v in bad.items())
-        raise AdapterWeightsError(
-            f"Adapter weights have dtypes the adapter cannot hold in {os.fspath(path)!r}: {shown} — "
-            f"expected float16/bfloat16/float32/float64 adapter tensors (integer only for index "
-            f"buffers) — the file is corrupt or was edited; re-save or re-download the adapter.",
-            path=path,
-            wrong_dtypes=bad,
-        )
+        raise AdapterWeightsError(dtype_message(path, bad), path=path, wrong_dtypes=bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,17 +502,21 @@ def noop_adapter(config: PeftConfig, tensors: Mapping[str, torch.Tensor]) -> boo
     return effect_seen
 
 
+def noop_message(config: PeftConfig, subject: str) -> str:
+    """What an adapter that changes nothing is told, ``subject`` naming it (e.g. ``"Adapter 'a'"``)."""
+    return (
+        f"{subject} changes nothing: every output factor of its {_peft_type(config)} layers is exactly "
+        f"zero (or at its identity value), so the model computes what the base model computes — it "
+        f"was probably saved before the first training step, or its weights were gathered wrongly; "
+        f"load the trained checkpoint."
+    )
+
+
 def warn_if_noop(config: PeftConfig, tensors: Mapping[str, torch.Tensor], *, name: str, path: Path) -> None:
     """Warn with :class:`NoOpAdapterWarning` when :func:`noop_adapter` says the adapter changes nothing."""
     if noop_adapter(config, tensors):
-        warnings.warn(
-            f"Adapter {name!r} from {os.fspath(path)!r} changes nothing: every output factor of its "
-            f"{_peft_type(config)} layers is exactly zero (or at its identity value), so the model "
-            f"computes what the base model computes — it was probably saved before the first "
-            f"training step, or its weights were gathered wrongly; load the trained checkpoint.",
-            NoOpAdapterWarning,
-            stacklevel=_user_stacklevel(),
-        )
+        subject = f"Adapter {name!r} from {os.fspath(path)!r}"
+        warnings.warn(noop_message(config, subject), NoOpAdapterWarning, stacklevel=_user_stacklevel())
 
 
 def meta_skeleton(model: nn.Module) -> nn.Module:
