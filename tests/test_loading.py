@@ -264,7 +264,7 @@ BROKEN = [
     ("no weights", _rm_weights, AdapterNotFoundError, "expected adapter_model.safetensors"),
     ("config not json", _garbage_config, AdapterConfigError, "unreadable.*repair the file"),
     ("unknown type", _edit_config(peft_type="NOPE"), AdapterConfigError, "expected one of .*found 'NOPE'"),
-    ("bad field", _edit_config(r="four"), AdapterConfigError, "does not fit this model.*fix the config"),
+    ("bad field", _edit_config(r="four"), AdapterConfigError, "wrong type.*r=.four. .expected int"),
     ("targets nothing", _edit_config(target_modules=["nope"]), AdapterConfigError, "nope.*'target_modules'"),
     ("truncated", _truncate, AdapterWeightsError, "not a valid safetensors file"),
     ("garbage header", _garbage_header, AdapterWeightsError, "not a valid safetensors file"),
