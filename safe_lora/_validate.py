@@ -456,6 +456,7 @@ def noop_adapter(config: PeftConfig, tensors: Mapping[str, torch.Tensor]) -> boo
     needed: a trained adapter answers after its first module.
 
     Example:
+        >>> from peft import LoraConfig
         >>> noop_adapter(LoraConfig(), {"base_model.model.fc1.lora_A.weight": torch.ones(4, 2),
         ...                             "base_model.model.fc1.lora_B.weight": torch.zeros(8, 4)})
         True
