@@ -13,18 +13,33 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
+import functools
 import json
+import math
 import os
 import re
+import stat
+import types
+import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
+import peft
 from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from safe_lora._hub import HubFolder, open_folder
-from safe_lora.errors import AdapterConfigError, AdapterNotFoundError, UnsafeAdapterError
+from safe_lora.errors import (
+    AdapterConfigError,
+    AdapterNotFoundError,
+    UnknownConfigFieldWarning,
+    UnsafeAdapterError,
+    _fmt_keys,
+    _user_stacklevel,
+)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -46,6 +61,15 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 WeightsFormat = Literal["safetensors", "pickle"]
+
+# save_pretrained writes a few KiB of config; the cap only keeps a huge or endless file (a FIFO
+# swapped in, /proc, a multi-GB blob) from being read into memory whole.
+CONFIG_MAX_BYTES = 16 * 1024 * 1024
+# save_pretrained nests at most 3 levels (a sub-config's list). Deeper JSON is not a PEFT config, and
+# copying or saving it later would recurse once per level.
+CONFIG_MAX_DEPTH = 32
+# Read by PEFT's from_json_file and thrown away ("Runtime configurations are only valid at runtime").
+_PEFT_DROPS = frozenset({"runtime_config"})
 
 
 @dataclass(frozen=True)
@@ -145,10 +169,12 @@ def open_adapter(
             )
         folder = local / subfolder if subfolder else local
         _require_config(folder)
+        # Present means "something is there": a FIFO or a directory under the weights' name is
+        # refused by the reader by name, not taken for a missing file (size unknown then).
         sizes: dict[str, int | None] = {
-            name: (folder / name).stat().st_size
+            name: (folder / name).stat().st_size if kind is None else None
             for name in (SAFETENSORS_NAME, PICKLE_NAME)
-            if (folder / name).is_file()
+            if (kind := special_file(folder / name)) != "missing"
         }
         return AdapterLocation(folder, sizes)
 
@@ -283,13 +309,15 @@ def trainer_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def _require_config(folder: Path) -> None:
-    if not folder.is_dir():
+    # special_file, not is_file: a FIFO or a directory named adapter_config.json exists, and the
+    # reader refuses it by name instead of "not found".
+    if special_file(folder) != "a directory":
         raise AdapterNotFoundError(
             f"Adapter folder not found: {os.fspath(folder)!r} — expected a folder written by "
             f"PeftModel.save_pretrained — check the path (and `subfolder=`).",
             path=folder,
         )
-    if not (folder / CONFIG_NAME).is_file():
+    if special_file(folder / CONFIG_NAME) == "missing":
         present = sorted(p.name for p in folder.iterdir())
         checkpoints = [p.name for p in trainer_checkpoints(folder)]
         hint = (
@@ -305,17 +333,54 @@ def _require_config(folder: Path) -> None:
         )
 
 
+def special_file(path: Path) -> str | None:
+    """What ``path`` is when it is not a regular file, or ``None`` when it is one.
+
+    Symlinks are followed: the Hugging Face cache links every file to a blob, so a link to a regular
+    file is a regular file. Nothing is opened, so a FIFO cannot block here.
+
+    Returns:
+        ``None`` for a regular file; ``"missing"`` when nothing (or a dangling link) is there;
+        otherwise a description such as ``"a directory"``, ``"a FIFO (named pipe)"`` or
+        ``"a character device"``.
+
+    Example:
+        >>> special_file(Path("/dev/null"))
+        'a character device'
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:  # a symlink loop, no permission, a name too long, ...
+        return f"unreadable ({exc.strerror or type(exc).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
 def find_files(folder: Path, *, allow_pickle: bool) -> AdapterFiles:
     """Check the folder's layout and pick the weights file, safetensors first.
+
+    A file name that is there but is not a regular file (a directory, a FIFO, a link to
+    ``/dev/zero``) is picked all the same and refused by the reader with a typed error: it is never
+    skipped in favour of the next file.
 
     Raises:
         AdapterNotFoundError: No folder, no ``adapter_config.json`` or no weights file.
         UnsafeAdapterError: Only ``adapter_model.bin`` is there and ``allow_pickle`` is false.
     """
     _require_config(folder)
-    if (folder / SAFETENSORS_NAME).is_file():
+    if special_file(folder / SAFETENSORS_NAME) != "missing":
         return AdapterFiles(folder, folder / SAFETENSORS_NAME, "safetensors")
-    if (folder / PICKLE_NAME).is_file():
+    if special_file(folder / PICKLE_NAME) != "missing":
         if not allow_pickle:
             raise UnsafeAdapterError(
                 f"Refusing to unpickle {os.fspath(folder / PICKLE_NAME)!r}: the adapter has no "
@@ -328,44 +393,347 @@ def find_files(folder: Path, *, allow_pickle: bool) -> AdapterFiles:
     return AdapterFiles(folder, None, None)
 
 
-def read_config(folder: Path) -> PeftConfig:
-    """Read ``adapter_config.json`` into the right PEFT config class.
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, read with bounds: regular file, size, nesting depth.
+
+    The file is opened without blocking and checked with ``fstat`` on the open descriptor, so a
+    FIFO or a device put where the config should be is refused rather than read (a FIFO would block
+    forever, ``/dev/zero`` would never end), and no more than :data:`CONFIG_MAX_BYTES` are read.
 
     Raises:
-        AdapterConfigError: The file is unreadable, not JSON, or names an unknown PEFT type.
+        AdapterConfigError: Not a regular file, unreadable, too large, not UTF-8 JSON, not an
+            object, or nested deeper than :data:`CONFIG_MAX_DEPTH`.
     """
-    path = folder / CONFIG_NAME
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterConfigError(
-            f"Adapter config unreadable: {os.fspath(path)!r} ({exc}) — expected the JSON that "
-            f"save_pretrained writes — re-save the adapter or repair the file.",
+    where = os.fspath(path)
+
+    def refuse(found: str, hint: str = "re-save the adapter with save_pretrained") -> AdapterConfigError:
+        return AdapterConfigError(
+            f"Adapter config unreadable: {where!r} {found} — expected the JSON file save_pretrained "
+            f"writes — {hint}.",
             path=path,
-        ) from exc
+        )
+
+    kind = special_file(path)
+    if kind is not None:
+        raise refuse(f"is {kind}", "replace it with the adapter's adapter_config.json")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    flags |= getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise refuse(f"cannot be opened ({exc.strerror or exc})") from exc
+    try:
+        # The descriptor's own type: the path may have been swapped since special_file() looked.
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refuse("is not a regular file", "replace it with the adapter's adapter_config.json")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= CONFIG_MAX_BYTES:
+            chunk = os.read(fd, min(1 << 20, CONFIG_MAX_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise refuse(f"cannot be read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if size > CONFIG_MAX_BYTES:
+        raise refuse(f"is larger than {CONFIG_MAX_BYTES // (1024 * 1024)} MiB", "re-save the adapter")
+    try:
+        raw = json.loads(b"".join(chunks).decode("utf-8"))
+    except RecursionError as exc:  # json recurses once per nesting level
+        raise refuse(f"is nested deeper than Python can parse ({exc})") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSON syntax, integers of >4300 digits
+        raise refuse(f"is not valid UTF-8 JSON ({exc})", "re-save the adapter or repair the file") from exc
     if not isinstance(raw, dict):
         raise AdapterConfigError(
-            f"Adapter config malformed: {os.fspath(path)!r} holds a JSON {type(raw).__name__} — expected "
+            f"Adapter config malformed: {where!r} holds a JSON {type(raw).__name__} — expected "
             f"a JSON object — re-save the adapter with save_pretrained.",
             path=path,
         )
+    depth = _depth(raw)
+    if depth > CONFIG_MAX_DEPTH:
+        raise refuse(
+            f"is nested {depth} levels deep (save_pretrained writes at most a few; the limit is "
+            f"{CONFIG_MAX_DEPTH})"
+        )
+    return raw
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON containers nest in ``value``, walked without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def nonfinite_fields(raw: dict[str, Any]) -> list[str]:
+    """The config fields holding NaN or ±inf anywhere inside, sorted, e.g. ``["alpha_pattern.fc1"]``.
+
+    Python's ``json`` accepts ``NaN``, ``Infinity``, ``-Infinity`` and overflowing literals such
+    as ``1e999``; PEFT takes them as they are, and a NaN ``lora_alpha`` makes every output NaN.
+
+    Example:
+        >>> nonfinite_fields({"lora_alpha": float("nan"), "alpha_pattern": {"fc1": float("inf")}})
+        ['alpha_pattern.fc1', 'lora_alpha']
+    """
+    found = []
+    stack: list[tuple[str, Any]] = list(raw.items())
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(where)
+        elif isinstance(value, dict):
+            stack.extend((f"{where}.{key}", item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+    return sorted(found)
+
+
+def means_absent(value: Any) -> bool:
+    """Whether a config value says "not used": ``null``, ``false``, ``""``, ``[]`` or ``{}``.
+
+    A field PEFT adds in a new release defaults to such a value when the feature is off (every
+    ``*_config`` to ``None``, every ``use_*`` to ``False``), so an older PEFT that drops the field
+    loads the same adapter. Any other value (a number, ``true``, a filled sub-config) switches
+    something on that the installed PEFT cannot honour. Numbers are never taken as "absent": a
+    new field's default is unknowable here.
+    """
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
+@dataclass(frozen=True)
+class ParsedConfig:
+    """A config built the way PEFT builds it, and the fields the installed PEFT does not know.
+
+    Attributes:
+        config: The PEFT config object.
+        unknown: Every field of the file the installed PEFT does not know (dropped from ``config``,
+            as PEFT drops it), by dotted name (``"eva_config.new_knob"`` for a sub-config's field).
+        saved_by: The ``peft_version`` the file records, if any.
+    """
+
+    config: PeftConfig
+    unknown: dict[str, Any]
+    saved_by: str | None
+
+    @property
+    def refused(self) -> list[str]:
+        """Unknown fields whose values switch something on: loading would silently differ (sorted)."""
+        return sorted(k for k, v in self.unknown.items() if not means_absent(v))
+
+    @property
+    def ignored(self) -> list[str]:
+        """Unknown fields whose values mean "absent": safe to drop, with a warning (sorted)."""
+        return sorted(k for k, v in self.unknown.items() if means_absent(v))
+
+    def unknown_message(self, path: Path) -> str:
+        """The refusal for :attr:`refused`, naming the fields and both PEFT versions."""
+        saved = f" (the adapter was saved by peft {self.saved_by})" if self.saved_by else ""
+        shown = ", ".join(f"{k}={self.unknown[k]!r}" for k in self.refused[:10])
+        more = f", ... ({len(self.refused) - 10} more)" if len(self.refused) > 10 else ""
+        return (
+            f"Adapter config has fields the installed peft {peft.__version__} does not know in "
+            f"{os.fspath(path)!r}: {shown}{more}{saved} — expected only fields peft "
+            f"{peft.__version__} can honour; PEFT would drop them silently and load a different "
+            f"adapter — upgrade peft (`pip install -U peft`) to the release that saved the adapter, "
+            f"or remove the fields from adapter_config.json if you know they are obsolete."
+        )
+
+    def ignored_message(self, path: Path) -> str:
+        """The warning for :attr:`ignored`, naming the fields."""
+        return (
+            f"Adapter config fields unknown to peft {peft.__version__} were ignored in "
+            f"{os.fspath(path)!r}: {', '.join(self.ignored)} — their values mean 'not used', so the "
+            f"adapter loads the same without them — upgrade peft to silence this."
+        )
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: leave the values to PEFT
+        return {}
+
+
+def _describe(annotation: Any) -> str:
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    return re.sub(r"(?:\w+\.)+(\w+)", r"\1", text).replace("NoneType", "None")  # no module paths
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value can be what ``annotation`` declares.
+
+    Deliberately loose where PEFT itself is: any number for ``int``/``float`` (``lora_alpha`` is
+    declared ``int`` and saved as ``16.0`` all the time), any string for a ``Literal`` of strings or
+    an enum (PEFT checks the values), a dict for a sub-config; an annotation not understood here
+    passes.
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin is Union or origin is types.UnionType:
+        return any(_fits(value, arg) for arg in args)
+    if origin is Literal:
+        return any(_fits(value, type(arg)) for arg in args)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, (str, annotation))
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return isinstance(value, (dict, annotation))
+    if annotation in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False
+        return len(args) != 2 or all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return True
+
+
+def wrong_types(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """The values that cannot be of their field's declared type, by (dotted) name, with that type.
+
+    PEFT does not check types: ``"monteclora_config": true`` loads and fails at the first forward,
+    ``"use_dora": "no"`` switches DoRA on. Sub-config dicts are checked against their own fields.
+
+    Example:
+        >>> from peft import LoraConfig
+        >>> wrong_types(LoraConfig, {"r": 8, "modules_to_save": False})
+        {'modules_to_save': (False, 'Optional[list[str]]')}
+    """
+    hints = _type_hints(cls)
+    # PEFT declares some fields `int` with a None default, filled in when the model is built
+    # (num_virtual_tokens, token_dim, ...): None is what an unfilled one is saved as.
+    fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+    none_default = {f.name for f in fields if f.default is None}
+    bad: dict[str, tuple[Any, str]] = {}
+    for name, value in values.items():
+        if name not in hints or (value is None and name in none_default):
+            continue
+        annotation = hints[name]
+        if not _fits(value, annotation):
+            bad[f"{prefix}{name}"] = (value, _describe(annotation))
+            continue
+        if isinstance(value, dict):  # a sub-config: its own fields too
+            nested = [a for a in (annotation, *typing.get_args(annotation)) if dataclasses.is_dataclass(a)]
+            if nested and isinstance(nested[0], type):
+                bad.update(wrong_types(nested[0], value, f"{prefix}{name}."))
+    return dict(sorted(bad.items()))
+
+
+def parse_config(raw: dict[str, Any], *, path: Path) -> ParsedConfig:
+    """Build the PEFT config from a parsed ``adapter_config.json`` the way ``from_pretrained`` does.
+
+    The same steps as ``PeftConfig.from_pretrained`` (``runtime_config`` dropped, ``check_kwargs``,
+    ``from_peft_type``), on the dict already read, so the file is not opened a second time; fields
+    the installed PEFT does not know are set aside (PEFT would drop them with only a log line) and
+    reported in :attr:`ParsedConfig.unknown`, sub-config fields included.
+
+    Raises:
+        AdapterConfigError: Unknown PEFT type, or PEFT refuses a field's value.
+    """
+    where = os.fspath(path)
     peft_type = raw.get("peft_type")
-    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         known = ", ".join(sorted(str(k) for k in PEFT_TYPE_TO_CONFIG_MAPPING))
         raise AdapterConfigError(
-            f"Unknown PEFT type in {os.fspath(path)!r}: expected one of {known}, found {peft_type!r} — "
+            f"Unknown PEFT type in {where!r}: expected one of {known}, found {peft_type!r} — "
             f"upgrade peft if the adapter comes from a newer release, or fix 'peft_type'.",
             path=path,
         )
-    try:
-        config: PeftConfig = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(os.fspath(folder))
-    except Exception as exc:  # PEFT raises TypeError/ValueError for bad fields; all mean "bad config"
+    # Any: PEFT's classmethods below are untyped.
+    cls: Any = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]  # type: ignore[index]  # keys are a str enum
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = {k: v for k, v in raw.items() if k not in fields and k not in _PEFT_DROPS}
+    # Only what __init__ takes, as PEFT's own forward-compatibility filter does; never runtime_config.
+    kwargs = {k: v for k, v in raw.items() if k in fields and fields[k].init and k not in _PEFT_DROPS}
+    mistyped = wrong_types(cls, kwargs)
+    if mistyped:
+        shown = "; ".join(
+            f"{name}={value!r} (expected {expected})" for name, (value, expected) in mistyped.items()
+        )
         raise AdapterConfigError(
-            f"Adapter config invalid: {os.fspath(path)!r} is not a valid {peft_type} config ({exc}) — "
+            f"Adapter config has values of the wrong type in {where!r}: {shown} — expected the types "
+            f"peft's {cls.__name__} declares (PEFT does not check them and fails later, or loads "
+            f"something else) — re-save the adapter with save_pretrained, or fix those fields.",
+            path=path,
+            fields=list(mistyped),
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's notes on the values; errors are raised below
+            kwargs = cls.check_kwargs(**kwargs)
+            config: PeftConfig = cls.from_peft_type(**kwargs)
+    except Exception as exc:  # PEFT raises TypeError/ValueError/KeyError...; all mean "bad config"
+        raise AdapterConfigError(
+            f"Adapter config invalid: {where!r} is not a valid {peft_type} config ({exc}) — "
             f"re-save the adapter with the peft release that trained it, or fix the named field.",
             path=path,
         ) from exc
-    return config
+    # Sub-configs (eva_config, arrow_config, ...) arrive as dicts and PEFT keeps only the fields
+    # their dataclass knows, silently: the same question, one level down.
+    for name, value in raw.items():
+        built = getattr(config, name, None) if name in kwargs else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(built) and not isinstance(built, type):
+            names = {f.name for f in dataclasses.fields(built)}
+            unknown.update({f"{name}.{k}": v for k, v in value.items() if k not in names})
+    saved_by = raw.get("peft_version")
+    return ParsedConfig(config, unknown, saved_by if isinstance(saved_by, str) else None)
+
+
+def read_config(folder: Path) -> PeftConfig:
+    """Read ``adapter_config.json`` into the right PEFT config class, refusing what PEFT would misread.
+
+    Warns:
+        UnknownConfigFieldWarning: Fields the installed PEFT does not know, whose values mean
+            "absent" (``null``, ``false``, empty); they are dropped.
+
+    Raises:
+        AdapterConfigError: The file is not a regular file, too large, too deep, not JSON, names an
+            unknown PEFT type, holds NaN/inf numbers, holds unknown fields with other values, or
+            PEFT refuses a value. ``fields`` names the fields concerned.
+    """
+    path = folder / CONFIG_NAME
+    raw = read_config_json(path)
+    bad = nonfinite_fields(raw)
+    if bad:
+        raise AdapterConfigError(nonfinite_message(path, bad), path=path, fields=bad)
+    parsed = parse_config(raw, path=path)
+    if parsed.refused:
+        raise AdapterConfigError(parsed.unknown_message(path), path=path, fields=parsed.refused)
+    if parsed.ignored:
+        warnings.warn(parsed.ignored_message(path), UnknownConfigFieldWarning, stacklevel=_user_stacklevel())
+    return parsed.config
+
+
+def nonfinite_message(path: Path, fields: list[str]) -> str:
+    """The refusal for non-finite numbers in the config, naming the fields."""
+    return (
+        f"Adapter config holds non-finite numbers in {os.fspath(path)!r}: {_fmt_keys(fields)} — "
+        f"expected finite values (a NaN or infinite alpha makes every output NaN) — re-save the "
+        f"adapter, or fix those fields."
+    )
 
 
 def _is_rate_field(field: dataclasses.Field[Any]) -> bool:

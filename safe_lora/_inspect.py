@@ -20,21 +20,37 @@ from pathlib import Path
 from typing import Any, Literal
 
 from peft import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
 from peft.utils.other import get_pattern_key
 
 from safe_lora._config import (
+    CONFIG_NAME,
     PICKLE_NAME,
     SAFETENSORS_NAME,
     AdapterFiles,
     WeightsFormat,
     dropout_rates,
+    nonfinite_fields,
+    nonfinite_message,
     open_adapter,
-    read_config,
+    parse_config,
+    read_config_json,
+    special_file,
 )
-from safe_lora._validate import HeaderEntry, check_finite, iter_tensors, read_header
+from safe_lora._validate import (
+    HeaderEntry,
+    check_finite,
+    dtype_message,
+    iter_tensors,
+    layer_param_names,
+    lazy_tensors,
+    noop_adapter,
+    noop_message,
+    read_header,
+    tuner_class,
+    wrong_dtypes,
+)
 from safe_lora.errors import AdapterConfigError, AdapterWeightsError, _fmt_keys
 
 __all__ = ["AdapterReport", "Finding", "WeightFile", "inspect_adapter"]
@@ -281,15 +297,25 @@ def inspect_adapter(
     sizes, weights_format = location.weight_sizes, location.weights_format
     weights = location.fetch(SAFETENSORS_NAME) if weights_format == "safetensors" else None
     files = AdapterFiles(folder, weights, weights_format)
-    findings: list[Finding] = []
     fields: dict[str, Any] = {}
+    # A FIFO, a directory or a link to a device where a file should be: reported, never opened.
+    special = {
+        name: kind
+        for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
+        if (kind := special_file(folder / name)) not in (None, "missing")
+    }
+    findings = [
+        Finding(
+            "error",
+            "not-a-file",
+            f"Not a regular file: {os.fspath(folder / name)!r} is {kind} — expected the file "
+            f"save_pretrained writes; the loaders refuse it without reading — replace it with the "
+            f"adapter's real {name}.",
+        )
+        for name, kind in special.items()
+    ]
 
-    config: PeftConfig | None
-    try:
-        config = read_config(folder)
-    except AdapterConfigError as exc:
-        config = None
-        findings.append(Finding("error", "config-invalid", str(exc)))
+    config = None if CONFIG_NAME in special else _read_config(folder / CONFIG_NAME, findings)
     if config is not None:
         fields.update(_config_fields(config))
         findings.extend(_config_findings(config, fields))
@@ -297,7 +323,7 @@ def inspect_adapter(
     weight_files, file_findings = _weight_files(files, sizes, allow_pickle=allow_pickle)
     findings.extend(file_findings)
 
-    if files.weights is not None and weights_format == "safetensors":
+    if files.weights is not None and weights_format == "safetensors" and SAFETENSORS_NAME not in special:
         path = files.weights
         try:
             header = read_header(path)
@@ -317,6 +343,34 @@ def inspect_adapter(
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
+
+
+def _read_config(path: Path, findings: list[Finding]) -> PeftConfig | None:
+    """The config as the loaders read it, each refusal turned into a finding with the loaders' message.
+
+    Fields unknown to the installed PEFT are reported, and the report still describes the config
+    PEFT would build without them; a config with non-finite numbers is not described (its numbers
+    could not be printed as JSON).
+    """
+    try:
+        raw = read_config_json(path)
+    except AdapterConfigError as exc:
+        findings.append(Finding("error", "config-invalid", str(exc)))
+        return None
+    nonfinite = nonfinite_fields(raw)
+    if nonfinite:
+        findings.append(Finding("error", "config-nonfinite", nonfinite_message(path, nonfinite)))
+        return None
+    try:
+        parsed = parse_config(raw, path=path)
+    except AdapterConfigError as exc:
+        findings.append(Finding("error", "config-invalid", str(exc)))
+        return None
+    if parsed.refused:
+        findings.append(Finding("error", "config-unknown-fields", parsed.unknown_message(path)))
+    if parsed.ignored:
+        findings.append(Finding("warning", "config-ignored-fields", parsed.ignored_message(path)))
+    return parsed.config
 
 
 def _enum_value(value: Any) -> str | None:
@@ -394,7 +448,15 @@ def _weight_files(
         (SAFETENSORS_NAME, "safetensors"),
         (PICKLE_NAME, "pickle"),
     )
-    present = [WeightFile(name, fmt, sizes[name] or 0) for name, fmt in layout if name in sizes]
+    # A special file (a FIFO, a directory, ...) where a weights file should be is listed by the
+    # "not-a-file" finding instead; a hub file not downloaded has its size from the hub's listing.
+    present = [
+        WeightFile(name, fmt, sizes[name] or 0)
+        for name, fmt in layout
+        if name in sizes and special_file(files.folder / name) in (None, "missing")
+    ]
+    if files.weights is not None and special_file(files.weights) is not None:
+        return present, []  # the "not-a-file" finding says what is wrong with it
     pickle = next((f for f in present if f.format == "pickle"), None)
     if files.weights_format == "safetensors":
         if pickle is None:
@@ -477,28 +539,32 @@ def _header_findings(
             )
         ]
     findings = [] if config is None else _key_findings(header, config, where)
+    bad_dtypes = {} if config is None else wrong_dtypes(config, header)
+    if bad_dtypes:
+        findings.append(Finding("error", "wrong-dtype", dtype_message(path, bad_dtypes), tuple(bad_dtypes)))
     if check_values:
         try:
             check_finite(path, iter_tensors(path))
         except AdapterWeightsError as exc:  # the loaders' own verdict and message
             code = "nonfinite" if exc.nonfinite_keys else "weights-corrupt"
             findings.append(Finding("error", code, str(exc), tuple(exc.nonfinite_keys)))
+        else:
+            findings.extend(_noop_findings(path, config))
     return findings
 
 
-def _layer_param_names(tuner_cls: Any) -> frozenset[str]:
-    """The attribute names under which a tuner's layers (and their subclasses) hold adapter tensors."""
-    layer_cls = getattr(tuner_cls, "tuner_layer_cls", None)
-    if layer_cls is None:
-        return frozenset()
-    names: set[str] = set()
-    pending = [layer_cls]
-    while pending:  # subclasses too: AdaLoRA's layers add lora_E to LoraLayer's names, say
-        cls = pending.pop()
-        names.update(getattr(cls, "adapter_layer_names", ()))
-        names.update(getattr(cls, "other_param_names", ()))
-        pending.extend(cls.__subclasses__())
-    return frozenset(names)
+def _noop_findings(path: Path, config: PeftConfig | None) -> list[Finding]:
+    """A warning when every output factor is zero: the loaders warn the same (NoOpAdapterWarning)."""
+    if config is None:
+        return []
+    try:
+        with lazy_tensors(path) as tensors:
+            noop = noop_adapter(config, tensors)
+    except AdapterWeightsError as exc:
+        return [Finding("error", "weights-corrupt", str(exc))]
+    if not noop:
+        return []
+    return [Finding("warning", "noop-adapter", noop_message(config, f"Adapter {os.fspath(path.parent)!r}"))]
 
 
 def _matches_targets(config: PeftConfig, module_path: str) -> bool | None:
@@ -618,9 +684,8 @@ def _key_findings(header: dict[str, HeaderEntry], config: PeftConfig, where: str
             )
         ]
 
-    # Keys are PeftType members, a str enum: equal to their plain names.
-    tuner_cls = next((cls for kind, cls in PEFT_TYPE_TO_TUNER_MAPPING.items() if kind == peft_type), None)
-    names = _layer_param_names(tuner_cls)
+    tuner_cls = tuner_class(peft_type)
+    names = layer_param_names(tuner_cls)
     prefix: str = getattr(tuner_cls, "prefix", None) or ""
     if not names or not prefix:
         return [

@@ -49,11 +49,14 @@ from safe_lora._validate import (
     HeaderEntry,
     base_model_evidence,
     base_of,
+    check_dtypes,
     check_finite,
     compare,
     expected_keys,
     iter_tensors,
     read_header,
+    read_pickle,
+    warn_if_noop,
 )
 from safe_lora.errors import (
     AdapterConfigError,
@@ -248,9 +251,12 @@ def _plan(
         header = read_header(files.weights)
         tensors = dict(iter_tensors(files.weights))
     else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
-        tensors = torch.load(files.weights, map_location="cpu", weights_only=True)
+        tensors = read_pickle(files.weights)
         header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
     check_finite(files.weights, tensors.items())
+    # Bad-input checks (see _validate): dtypes the adapter cannot hold; an adapter that changes nothing.
+    check_dtypes(files.weights, prepared, header)
+    warn_if_noop(prepared, tensors, name=name, path=files.folder)
 
     trained_on = getattr(prepared, "base_model_name_or_path", None) or ""
     loading_into = _name_or_path(model)

@@ -8,6 +8,7 @@ facts as attributes (``path``, ``missing_keys``, ...) so code can react without 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -24,11 +25,13 @@ __all__ = [
     "BaseModelMismatchWarning",
     "HubUnreachableWarning",
     "NoAdapterWarning",
+    "NoOpAdapterWarning",
     "NondeterministicModelError",
     "SafeLoraError",
     "SafeLoraWarning",
     "StochasticAdapterWarning",
     "UnknownAdapterError",
+    "UnknownConfigFieldWarning",
     "UnsafeAdapterError",
 ]
 
@@ -40,6 +43,21 @@ def _fmt_keys(keys: Iterable[str], limit: int = 10) -> str:
     if len(ordered) > limit:
         shown += f", ... ({len(ordered) - limit} more)"
     return shown
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside safe_lora.
+
+    The loaders reach their checks through different call paths, so a fixed number would blame a
+    safe_lora frame on some of them.
+    """
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 class SafeLoraError(Exception):
@@ -81,13 +99,21 @@ class AdapterAccessError(SafeLoraError, PermissionError):
 class AdapterConfigError(SafeLoraError, ValueError):
     """The adapter config is unreadable, not JSON, of an unknown PEFT type, or targets nothing.
 
+    Also: not a regular file, too large or too deeply nested, non-finite numbers, or fields the
+    installed PEFT does not know.
+
     Attributes:
-        path: The adapter folder (or ``None`` when a config object was passed in).
+        path: The adapter folder or config file (or ``None`` when a config object was passed in).
+        fields: The config fields concerned, sorted, e.g. ``["alpha_pattern.fc1", "lora_alpha"]``
+            for non-finite numbers or the unknown fields (empty when the error is not about fields).
     """
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, path: str | os.PathLike[str] | None = None, fields: Sequence[str] = ()
+    ) -> None:
         super().__init__(message)
         self.path = None if path is None else os.fspath(path)
+        self.fields = sorted(fields)
 
 
 class AdapterWeightsError(SafeLoraError, ValueError):
@@ -99,6 +125,7 @@ class AdapterWeightsError(SafeLoraError, ValueError):
         unexpected_keys: Keys in the file that nothing in the model consumes (sorted).
         mismatched_keys: ``{key: (shape in file, shape expected)}``.
         nonfinite_keys: Keys whose tensors hold NaN or inf (sorted).
+        wrong_dtypes: ``{key: dtype in file}`` for tensors of a dtype the adapter cannot hold.
     """
 
     def __init__(
@@ -110,6 +137,7 @@ class AdapterWeightsError(SafeLoraError, ValueError):
         unexpected_keys: Sequence[str] = (),
         mismatched_keys: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
         nonfinite_keys: Sequence[str] = (),
+        wrong_dtypes: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.path = None if path is None else os.fspath(path)
@@ -117,6 +145,7 @@ class AdapterWeightsError(SafeLoraError, ValueError):
         self.unexpected_keys = sorted(unexpected_keys)
         self.mismatched_keys = dict(sorted((mismatched_keys or {}).items()))
         self.nonfinite_keys = sorted(nonfinite_keys)
+        self.wrong_dtypes = dict(sorted((wrong_dtypes or {}).items()))
 
 
 class UnsafeAdapterError(SafeLoraError, ValueError):
@@ -199,3 +228,20 @@ class NoAdapterWarning(SafeLoraWarning):
 
 class StochasticAdapterWarning(SafeLoraWarning):
     """An adapter layer is stochastic by design (e.g. PVeRA sampling at inference) and cannot be frozen."""
+
+
+class NoOpAdapterWarning(SafeLoraWarning):
+    """Every output factor of the adapter is zero (or at its identity value): loading it changes nothing.
+
+    The usual causes: a checkpoint saved before the first training step, or weights gathered wrongly
+    (e.g. from a sharded run). Not an error, also not with ``strict=True``: a freshly initialised
+    adapter is legitimate.
+    """
+
+
+class UnknownConfigFieldWarning(SafeLoraWarning):
+    """The adapter config holds a field the installed PEFT does not know, with a value meaning "absent".
+
+    PEFT would drop it silently; safe_lora drops it too, but says so. Any other value of an unknown
+    field is refused with :class:`AdapterConfigError`.
+    """

@@ -28,15 +28,31 @@ def test_errors_subclass_root_and_builtin(error: Exception, builtin: type[Except
 
 
 def test_weights_error_sorts_its_keys() -> None:
-    err = errors.AdapterWeightsError("m", missing_keys=["b", "a"], unexpected_keys=["z", "y"])
+    err = errors.AdapterWeightsError(
+        "m", missing_keys=["b", "a"], unexpected_keys=["z", "y"], wrong_dtypes={"k2": "I32", "k1": "BOOL"}
+    )
     assert err.missing_keys == ["a", "b"]
     assert err.unexpected_keys == ["y", "z"]
+    assert list(err.wrong_dtypes.items()) == [("k1", "BOOL"), ("k2", "I32")]
+
+
+def test_config_error_sorts_its_fields() -> None:
+    assert errors.AdapterConfigError("m", fields=["r", "lora_alpha"]).fields == ["lora_alpha", "r"]
+    assert errors.AdapterConfigError("m").fields == []
 
 
 @pytest.mark.parametrize(
-    "warning", [errors.BaseModelMismatchWarning, errors.NoAdapterWarning, errors.StochasticAdapterWarning]
+    "warning",
+    [
+        errors.BaseModelMismatchWarning,
+        errors.NoAdapterWarning,
+        errors.NoOpAdapterWarning,
+        errors.StochasticAdapterWarning,
+        errors.UnknownConfigFieldWarning,
+    ],
 )
 def test_warnings_are_user_warnings(warning: type[Warning]) -> None:
+    assert issubclass(warning, errors.SafeLoraWarning)
     assert issubclass(warning, UserWarning)
 
 

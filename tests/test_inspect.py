@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -407,3 +408,70 @@ def test_pickle_is_reported_and_never_unpickled(
     assert report.loads_safely is (severity != "error")
     if not keep_safetensors:
         assert report.tensor_count is None  # its contents are unknown: it was not opened
+
+
+# --- the bad-input refusals, as findings with the loaders' own messages --------------------------------
+
+
+def _relabel_as_i32(folder: Path) -> None:
+    path = folder / SAFETENSORS
+    data = path.read_bytes()
+    end = 8 + int.from_bytes(data[:8], "little")
+    header = data[8:end].replace(b'"F32"', b'"I32"', 1)  # same bytes, read as integers
+    path.write_bytes(data[:8] + header + data[end:])
+
+
+@pytest.mark.parametrize(
+    ("breakage", "code"),
+    [
+        (lambda f: edit_config(f, lora_alpha=float("nan")), "config-nonfinite"),
+        (lambda f: edit_config(f, new_variant_config={"r": 2}), "config-unknown-fields"),
+        (lambda f: edit_config(f, use_dora="no"), "config-invalid"),
+        (_relabel_as_i32, "wrong-dtype"),
+    ],
+    ids=["nonfinite", "unknown-field", "wrong-type", "wrong-dtype"],
+)
+def test_bad_content_is_the_loaders_refusal_word_for_word(
+    mlp_adapter: Path, breakage: Callable[[Path], None], code: str
+) -> None:
+    breakage(mlp_adapter)
+    [finding] = [f for f in inspect_adapter(mlp_adapter).errors if f.code == code]
+    with pytest.raises(SafeLoraError) as refused:
+        load_for_inference(make_mlp(), mlp_adapter)
+    assert finding.message == str(refused.value)
+    assert json.loads(json.dumps(inspect_adapter(mlp_adapter).to_dict(), allow_nan=False))  # strict JSON
+
+
+def test_unknown_fields_meaning_absent_are_a_warning(mlp_adapter: Path) -> None:
+    edit_config(mlp_adapter, use_new_variant=False, new_variant_config=None)
+    report = inspect_adapter(mlp_adapter)
+    [finding] = [f for f in report.findings if f.code == "config-ignored-fields"]
+    assert finding.severity == "warning"
+    assert "new_variant_config, use_new_variant" in finding.message
+    assert report.loads_safely
+    assert report.rank == 4  # the config is still described
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("name", ["adapter_config.json", SAFETENSORS])
+def test_special_files_are_reported_never_opened(mlp_adapter: Path, name: str) -> None:
+    (mlp_adapter / name).unlink()
+    os.mkfifo(mlp_adapter / name)  # opening it for reading would block forever
+    report = inspect_adapter(mlp_adapter)
+    [finding] = [f for f in report.errors if f.code == "not-a-file"]
+    assert "is a FIFO (named pipe)" in finding.message
+    assert "weights-missing" not in codes(report)
+
+
+def test_an_adapter_that_changes_nothing_is_a_warning(tmp_path: Path) -> None:
+    fresh = save_adapter(make_mlp(), LoraConfig(target_modules=["fc1"]), tmp_path / "fresh")  # lora_B = 0
+    report = inspect_adapter(fresh)
+    [finding] = [f for f in report.findings if f.code == "noop-adapter"]
+    assert finding.severity == "warning"
+    assert "changes nothing" in finding.message
+    assert report.loads_safely
+    assert "noop-adapter" not in codes(inspect_adapter(fresh, check_values=False))  # no tensor read
+    trained = save_adapter(
+        make_mlp(), LoraConfig(target_modules=["fc1"]), tmp_path / "trained", train_steps=1
+    )
+    assert "noop-adapter" not in codes(inspect_adapter(trained))
