@@ -768,7 +768,36 @@ def bench_serving(settings: Settings, tmp: Path) -> list[Row]:
 
     alternate(settings.switch_pairs, replace, load_new, replace_vs_load, warmup=2, best_of=settings.best_of)
     alternate(settings.switch_pairs, replace, hotswap, replace_vs_hotswap, warmup=2, best_of=settings.best_of)
-    return [total, growth, switch, replace_vs_load, replace_vs_hotswap]
+
+    # deterministic_lora on a training model holding all n adapters: the walk grows with the model.
+    toggle = Row(
+        f"serving: deterministic_lora enter+exit / model.eval(); model.train() ({n} adapters)",
+        "deterministic_lora enter+exit",
+        "model.eval(); model.train()",
+        "s",
+        0.5,
+        note=note,
+    )
+    from safe_lora import deterministic_lora, load_for_training
+
+    training = load_for_training(copy.deepcopy(base), {f"a{i}": p for i, p in enumerate(paths)})
+
+    def enter_exit() -> float:
+        with _no_gc():
+            start = time.perf_counter()
+            with deterministic_lora(training):
+                pass
+            return time.perf_counter() - start
+
+    def round_trip() -> float:
+        with _no_gc():
+            start = time.perf_counter()
+            training.eval()
+            training.train()
+            return time.perf_counter() - start
+
+    alternate(settings.switch_pairs, enter_exit, round_trip, toggle, warmup=2, best_of=2 * settings.best_of)
+    return [total, growth, switch, replace_vs_load, replace_vs_hotswap, toggle]
 
 
 # --------------------------------------------------------------------------------------------------

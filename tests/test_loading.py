@@ -658,3 +658,20 @@ def test_strict_false_warns_once_not_twice(mlp_adapter: Path) -> None:
     messages = [str(w.message) for w in caught]
     assert sum("strict=False" in m for m in messages) == 1
     assert not any("Found missing adapter keys" in m for m in messages)
+
+
+def test_a_low_cpu_mem_usage_load_that_leaves_meta_tensors_is_refused(tmp_path: Path) -> None:
+    """Raw PEFT with low_cpu_mem_usage=True builds replicated layers on the meta device and returns
+    a model that fails at its first forward; safe_lora refuses it and leaves the base as it was."""
+    config = LoraConfig(
+        target_modules=["q_proj", "v_proj"], r=2, layer_replication=[[0, 2], [1, 2]], task_type="CAUSAL_LM"
+    )
+    path = save_adapter(tiny_llama(), config, tmp_path / "replicated")
+    raw = PeftModel.from_pretrained(tiny_llama(), str(path), low_cpu_mem_usage=True)
+    assert any(p.device.type == "meta" for p in raw.parameters())
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(AdapterConfigError, match=r"meta device.*without low_cpu_mem_usage=True"):
+        load_for_inference(model, path, low_cpu_mem_usage=True)
+    assert_unchanged(model, before)
+    assert isinstance(load_for_inference(model, path), PeftModel)  # PEFT's default path loads it
