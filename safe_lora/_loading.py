@@ -358,10 +358,12 @@ def _peft_warnings() -> Iterator[Callable[[], None]]:
     """Record what PEFT warns while it works; the caller replays it once the load succeeded.
 
     A refused load raises one typed error instead of a trail of PEFT's warnings about a model
-    that no longer exists; a successful one passes every warning on, unchanged.
+    that no longer exists; a successful one passes every warning on, unchanged. The caller's
+    filters decide what is recorded, as they would decide what PEFT shows: forcing "always" here
+    would also make Python read the source file of every warning PEFT (or transformers) raises
+    into its line cache, megabytes that stay.
     """
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
         recorded: list[warnings.WarningMessage] = caught
 
         def replay() -> None:
