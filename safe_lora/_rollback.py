@@ -43,10 +43,13 @@ def _looks_quantized(tensor: torch.Tensor) -> bool:
     )
 
 
-def _shallow(value: Any) -> Any:
-    # .copy() keeps the type (OrderedDict for hooks) and is far cheaper than copy.copy: this runs
-    # for every attribute of every captured module on each load.
-    return value.copy() if isinstance(value, (dict, set, list)) else value
+def _capture(state: dict[str, Any]) -> dict[str, Any]:
+    """A module's ``__dict__`` with its containers copied (one level), everything else by reference.
+
+    ``.copy()`` keeps the type (OrderedDict for hooks) and is far cheaper than ``copy.copy``; this
+    runs for every attribute of every captured module on each load.
+    """
+    return {k: v.copy() if isinstance(v, (dict, set, list)) else v for k, v in state.items()}
 
 
 class Snapshot:
@@ -84,7 +87,7 @@ class Snapshot:
             if module in self.modules:
                 continue
             state = vars(module)
-            self.modules[module] = {k: _shallow(v) for k, v in state.items()}
+            self.modules[module] = _capture(state)
             for slot in ("_parameters", "_buffers"):
                 for tensor in state.get(slot, {}).values():
                     if tensor is None or id(tensor) in seen:
@@ -108,25 +111,24 @@ class Snapshot:
     def _seal(self, container: nn.Module, seen: set[int]) -> None:
         """Capture a per-adapter container; its existing entries are sealed, only their
         ``requires_grad`` is recorded (PEFT's ``set_adapter`` flips it for every adapter)."""
-        self.modules[container] = {k: _shallow(v) for k, v in vars(container).items()}
-        pending: list[nn.Module] = []
+        self.modules[container] = _capture(vars(container))
+        grads, sealed = self.grads, self.sealed
         for tensor in container._parameters.values():  # ParameterDict entries
             if tensor is not None and id(tensor) not in seen:
                 seen.add(id(tensor))
-                self.grads.append((tensor, tensor.requires_grad))
-        for entry in container._modules.values():
-            if entry is not None:
-                self.sealed.add(entry)
-                pending.append(entry)
+                grads.append((tensor, tensor.requires_grad))
         # By hand rather than ``entry.parameters()``: entries are mostly leaf layers, and this runs
         # for every entry of every adapter on each add.
+        pending = [entry for entry in container._modules.values() if entry is not None]
+        sealed.update(pending)
         while pending:
             module = pending.pop()
             for tensor in module._parameters.values():
                 if tensor is not None and id(tensor) not in seen:
                     seen.add(id(tensor))
-                    self.grads.append((tensor, tensor.requires_grad))
-            pending.extend(c for c in module._modules.values() if c is not None)
+                    grads.append((tensor, tensor.requires_grad))
+            if module._modules:
+                pending.extend(c for c in module._modules.values() if c is not None)
 
     # ----------------------------------------------------------------------------------------------
     # What a load may overwrite in place
@@ -218,7 +220,7 @@ class Snapshot:
         for module, saved in self.modules.items():
             state = vars(module)
             state.clear()
-            state.update({k: _shallow(v) for k, v in saved.items()})
+            state.update(_capture(saved))
         with torch.no_grad():
             for tensor, data, own in self._data:
                 tensor.data = data

@@ -20,6 +20,13 @@ from torch import nn
 
 from safe_lora._demo import DemoMLP
 
+# The files save_pretrained writes, and the LoRA keys of the MLP adapter of :func:`mlp_adapter`.
+CONFIG = "adapter_config.json"
+SAFETENSORS = "adapter_model.safetensors"
+PICKLE = "adapter_model.bin"
+A_KEY = "base_model.model.fc1.lora_A.weight"
+B_KEY = "base_model.model.fc1.lora_B.weight"
+
 # The seed network, Linear(2, 8) -> ReLU -> Linear(8, 1): the demo's, so both show the same.
 MLP = DemoMLP
 

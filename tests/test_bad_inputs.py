@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import torch
 from _tuners import TUNERS, Base, Tuner, make_base, output
-from conftest import assert_unchanged, save_adapter, snapshot
+from conftest import A_KEY, B_KEY, CONFIG, PICKLE, SAFETENSORS, assert_unchanged, save_adapter, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftConfig
@@ -61,11 +61,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
 
-CONFIG = "adapter_config.json"
-SAFETENSORS = "adapter_model.safetensors"
-PICKLE = "adapter_model.bin"
-A_KEY = "base_model.model.fc1.lora_A.weight"
-B_KEY = "base_model.model.fc1.lora_B.weight"
 # Every dtype name safetensors knows, and some it does not.
 ST_DTYPES = [
     "BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64", "C64",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_mlp, save_adapter, tiny_llama
+from conftest import A_KEY, B_KEY, PICKLE, SAFETENSORS, make_mlp, save_adapter, tiny_llama
 from peft import (
     AdaLoraConfig,
     BOFTConfig,
@@ -44,10 +44,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`"),
 ]
 
-SAFETENSORS = "adapter_model.safetensors"
-PICKLE = "adapter_model.bin"
-A_KEY = "base_model.model.fc1.lora_A.weight"
-B_KEY = "base_model.model.fc1.lora_B.weight"
 
 
 def codes(report: AdapterReport, severity: str | None = None) -> list[str]:
