@@ -102,7 +102,7 @@ FULL = Settings(
     best_of=3,
     serving_model=SERVING_MODEL,
     adapters=24,
-    serving_pairs=7,
+    serving_pairs=11,
     switch_pairs=30,
 )
 QUICK = Settings(

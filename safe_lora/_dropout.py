@@ -285,7 +285,12 @@ class _Walk:
         for module, cls, size, children in self.shape:
             if type(module) is not cls or len(vars(module)) != size:
                 return False
-            if list(module._modules.values()) != children:  # modules compare by identity
+            current = module._modules
+            # Most modules are leaves (every adapter's own Linear, Dropout, ...): no list to build.
+            if children:
+                if list(current.values()) != children:  # modules compare by identity
+                    return False
+            elif current:
                 return False
         return True
 

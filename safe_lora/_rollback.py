@@ -118,14 +118,14 @@ class Snapshot:
                 seen.add(id(tensor))
                 grads.append((tensor, tensor.requires_grad))
         # By hand rather than ``entry.parameters()``: entries are mostly leaf layers, and this runs
-        # for every entry of every adapter on each add.
+        # for every entry of every adapter on each add. A parameter two entries share (tied
+        # adapters) is listed twice, which restores it twice to the same flag: no need to dedupe.
         pending = [entry for entry in container._modules.values() if entry is not None]
         sealed.update(pending)
         while pending:
             module = pending.pop()
             for tensor in module._parameters.values():
-                if tensor is not None and id(tensor) not in seen:
-                    seen.add(id(tensor))
+                if tensor is not None:
                     grads.append((tensor, tensor.requires_grad))
             if module._modules:
                 pending.extend(c for c in module._modules.values() if c is not None)
@@ -183,18 +183,17 @@ class Snapshot:
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Every parameter the load created (in new modules or new entries of existing ones)."""
-        known = {id(t) for t, _ in self.grads}
         found: list[nn.Parameter] = []
-        for module in self.modules:
-            for param in module._parameters.values():
-                if param is not None and id(param) not in known:
-                    known.add(id(param))
+        for module, saved in self.modules.items():
+            before = saved.get("_parameters", {})
+            for key, param in module._parameters.items():
+                if param is not None and before.get(key) is not param:
                     found.append(param)
+        # A new subtree can wrap existing modules (a tuner layer around the base layer it adapts):
+        # their parameters are not new. Sealed ones cannot be in there, so the captured ones suffice.
+        known = {id(t) for t, _, _ in self._data}
         for _, child in self.new_subtrees():
-            for param in child.parameters():
-                if id(param) not in known:
-                    known.add(id(param))
-                    found.append(param)
+            found.extend(p for p in child.parameters() if id(p) not in known)
         return found
 
     # ----------------------------------------------------------------------------------------------
