@@ -100,10 +100,11 @@ class DropoutSite:
 
 
 class _Found(NamedTuple):
-    """A site plus the module whose ``training`` flag gates it."""
+    """A site, the module whose ``training`` flag gates it, and the tuner layer that calls it."""
 
     site: DropoutSite
     gate: nn.Module
+    owner: nn.Module | None  # the nearest tuner layer at or above the gate; None outside one
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,8 +252,8 @@ def _opens_adapter(opens: _Opens, child_name: str, child: nn.Module) -> bool:
 
 # One module to visit: (module, qualified name, inside an adapter's own modules -- not the wrapped
 # base layer --, the adapter name when inside one adapter's entry of a ModuleDict, whether the
-# module is a ModuleDict of a tuner layer keyed by adapter name).
-_Node = tuple[nn.Module, str, bool, str | None, bool]
+# module is a ModuleDict of a tuner layer keyed by adapter name, the nearest tuner layer above).
+_Node = tuple[nn.Module, str, bool, str | None, bool, nn.Module | None]
 
 
 # A module whose own flag may gate randomness, as the walk found it: everything ``_sites_of``
@@ -265,6 +266,7 @@ class _Candidate(NamedTuple):
     adapter: str | None
     rates: tuple[str, ...]
     dicts: tuple[str, ...]
+    owner: nn.Module | None  # the nearest tuner layer at or above the module
 
 
 @dataclass
@@ -320,7 +322,7 @@ def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found
         hits = _sites_of(c.module, c.info, c.in_adapter, c.adapter, c.rates, c.dicts)
         if hits:
             kind: Kind = "adapter" if c.in_adapter or c.info.tuner_layer else "base"
-            found.extend(_Found(_site(c.name, kind, c.info.name, *hit), c.module) for hit in hits)
+            found.extend(_Found(_site(c.name, kind, c.info.name, *hit), c.module, c.owner) for hit in hits)
     return walk.root, walk.modules, found, walk.has_adapter
 
 
@@ -335,9 +337,9 @@ def _walk(model: nn.Module, root: nn.Module) -> _Walk:
     candidates: list[_Candidate] = []
     has_adapter = False
     seen: set[nn.Module] = set()
-    stack: list[_Node] = [(root, "", False, None, False)]
+    stack: list[_Node] = [(root, "", False, None, False, None)]
     while stack:
-        module, name, in_adapter, adapter, keyed = stack.pop()
+        module, name, in_adapter, adapter, keyed, owner = stack.pop()
         if module in seen:
             continue
         seen.add(module)
@@ -349,8 +351,12 @@ def _walk(model: nn.Module, root: nn.Module) -> _Walk:
         rates, dicts = _RATE_ATTRIBUTES.get(names) or _rate_attributes(names)
         if info.holds_adapter:
             has_adapter = True
+        if info.tuner_layer:
+            owner = module
         if rates or info.may_gate or (in_adapter and info.router):
-            candidates.append(_Candidate(module, _clean_name(name), info, in_adapter, adapter, rates, dicts))
+            candidates.append(
+                _Candidate(module, _clean_name(name), info, in_adapter, adapter, rates, dicts, owner)
+            )
 
         children = module._modules
         if not children:
@@ -358,7 +364,9 @@ def _walk(model: nn.Module, root: nn.Module) -> _Walk:
         prefix = f"{name}." if name else ""
         if not info.opens and not keyed:  # the common case: children share the parent's context
             nodes = [
-                (c, prefix + n, in_adapter, adapter, False) for n, c in children.items() if c is not None
+                (c, prefix + n, in_adapter, adapter, False, owner)
+                for n, c in children.items()
+                if c is not None
             ]
         else:
             nodes = []
@@ -374,6 +382,7 @@ def _walk(model: nn.Module, root: nn.Module) -> _Walk:
                         # ``lora_dropout["default"]``, ``prompt_encoder["default"]``: the key is the adapter.
                         child_name if keyed else adapter,
                         opens and isinstance(child, nn.ModuleDict),
+                        owner,
                     )
                 )
         nodes.reverse()
@@ -547,6 +556,13 @@ def _enter(model: nn.Module, include_base: bool, stacklevel: int) -> _Entry:
         )
     # The same module can gate several sites (a LoHa layer with rank and module dropout).
     gates = list({id(f.gate): f.gate for f in chosen if f.site.freezable}.values())
+    # One re-forcing hook per tuner layer, which calls its gates (every adapter's dropout in its
+    # ModuleDicts), rather than one per gate: a model with 24 adapters has thousands of gates, and
+    # registering a hook costs more than freezing the flag.
+    by_owner: dict[nn.Module, dict[int, nn.Module]] = {}
+    for f in chosen:
+        if f.site.freezable:
+            by_owner.setdefault(f.owner if f.owner is not None else f.gate, {})[id(f.gate)] = f.gate
     with _LOCK:
         captured = [(module, module.training) for module in modules]
         for gate in gates:
@@ -559,11 +575,15 @@ def _enter(model: nn.Module, include_base: bool, stacklevel: int) -> _Entry:
                 _set_training(gate, False)
         handles: list[RemovableHandle] = []
         if gates:
-            # On each gate, for direct calls and code paths that skip the root (``generate``); on
-            # the root, so that a tuner layer that reads its dropout child's flag before calling it
-            # (FRoD) sees the frozen flag after a ``model.train()`` inside the block.
+            # On the tuner layer that calls the gates (or the gate itself outside a tuner layer),
+            # for code paths that skip the root (``generate``, a layer called directly), and so
+            # that a tuner layer that reads its dropout child's flag before calling it (FRoD) sees
+            # the frozen flag after a ``model.train()`` inside the block; on the root as well.
             handles.append(root.register_forward_pre_hook(_reforce(gates)))
-            handles.extend(gate.register_forward_pre_hook(_reforce_self) for gate in gates)
+            for owner, members in by_owner.items():
+                group = list(members.values())
+                hook = _reforce_self if group == [owner] else _reforce(group)
+                handles.append(owner.register_forward_pre_hook(hook))
     return _Entry(captured=captured, gates=gates, handles=handles, sites=[f.site for f in chosen])
 
 
