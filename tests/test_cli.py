@@ -41,6 +41,19 @@ class Run:
     stderr: str
 
 
+def _run_all(commands: dict[str, list[str]], env: dict[str, str]) -> dict[str, Run]:
+    """Start every command at once (each pays the import cost in parallel), then collect them."""
+    started = {
+        name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for name, argv in commands.items()
+    }
+    done = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=300)
+        done[name] = Run(process.returncode, stdout, stderr)
+    return done
+
+
 def _prepare_folders(root: Path) -> dict[str, Path]:
     config = LoraConfig(target_modules=["fc1"], r=4, lora_alpha=8, lora_dropout=0.1)
     good = save_adapter(make_mlp(), config, root / "good")
@@ -70,15 +83,7 @@ def runs(folders: dict[str, Path]) -> dict[str, Run]:
         "inspect-missing": [*PYTHON, "inspect", str(folders["missing"]), "--json"],
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    started = {
-        name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for name, argv in commands.items()
-    }
-    done = {}
-    for name, process in started.items():
-        stdout, stderr = process.communicate(timeout=300)
-        done[name] = Run(process.returncode, stdout, stderr)
-    return done
+    return _run_all(commands, env)
 
 
 def _histograms(text: str) -> list[tuple[str, list[tuple[float, int, str]]]]:
@@ -223,14 +228,7 @@ def hub_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Run], 
         clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         env = {**clean, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(root / "hf")}
         env |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONIOENCODING": "utf-8"}
-        started = {
-            name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for name, argv in commands.items()
-        }
-        done = {}
-        for name, process in started.items():
-            stdout, stderr = process.communicate(timeout=300)
-            done[name] = Run(process.returncode, stdout, stderr)
+        done = _run_all(commands, env)
     return done, list(server.log)
 
 

@@ -1009,6 +1009,24 @@ def test_an_adapter_added_between_blocks_is_frozen() -> None:
         assert repeatable(model)
 
 
+def test_a_module_swapped_for_another_of_its_class_between_blocks_is_frozen() -> None:
+    # Same class, same number of modules and attributes everywhere: only the identity of the child
+    # under ``lora_dropout["default"]`` changes, and the new one must be frozen, the old one not.
+    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.0))
+    layer = model.base_model.model.fc1
+    old = layer.lora_dropout["default"]
+    with deterministic_lora(model):
+        pass
+    layer.lora_dropout["default"] = nn.Dropout(0.5)
+    model.train()
+    assert not repeatable(model)
+    with deterministic_lora(model) as frozen:
+        assert [s.name for s in frozen] == ["base_model.model.fc1.lora_dropout.default"]
+        assert repeatable(model)
+        assert old.training  # an nn.Identity no longer in the model: not touched
+    assert layer.lora_dropout["default"].training
+
+
 def test_a_rate_attribute_added_between_blocks_is_seen() -> None:
     model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
     with deterministic_lora(model, include_base=True):
