@@ -45,7 +45,6 @@ pytestmark = [
 ]
 
 
-
 def codes(report: AdapterReport, severity: str | None = None) -> list[str]:
     return [f.code for f in report.findings if severity is None or f.severity == severity]
 
