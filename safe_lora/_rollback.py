@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -43,13 +43,41 @@ def _looks_quantized(tensor: torch.Tensor) -> bool:
     )
 
 
-def _capture(state: dict[str, Any]) -> dict[str, Any]:
-    """A module's ``__dict__`` with its containers copied (one level), everything else by reference.
+_CONTAINERS = (dict, set, list)
 
-    ``.copy()`` keeps the type (OrderedDict for hooks) and is far cheaper than ``copy.copy``; this
-    runs for every attribute of every captured module on each load.
+
+class _Saved(NamedTuple):
+    """A module's ``__dict__`` as it was: the attributes by reference (containers included, so
+    that they can be put back as the same objects) and a copy of each non-empty container."""
+
+    state: dict[str, Any]
+    contents: dict[str, Any]
+
+
+def _capture(state: dict[str, Any]) -> _Saved:
+    """Capture a module's ``__dict__``, copying one level of its non-empty containers only.
+
+    ``.copy()`` keeps the type and is far cheaper than ``copy.copy``; most of a module's dozen
+    hook and state dicts are empty and need no copy. This runs for every captured module on each load.
     """
-    return {k: v.copy() if isinstance(v, (dict, set, list)) else v for k, v in state.items()}
+    return _Saved(dict(state), {k: v.copy() for k, v in state.items() if v and isinstance(v, _CONTAINERS)})
+
+
+def _put_back(saved: _Saved, state: dict[str, Any]) -> None:
+    """Make ``state`` (a module's ``__dict__``) what ``saved`` captured, keeping container identity:
+    a hook's ``RemovableHandle`` holds a weak reference to its very dict, and PEFT may have
+    replaced a container as well as filled it."""
+    state.clear()
+    state.update(saved.state)
+    for key, value in saved.state.items():
+        if isinstance(value, _CONTAINERS):
+            value.clear()
+            before = saved.contents.get(key)
+            if before is not None:
+                if isinstance(value, list):
+                    value.extend(before)
+                else:
+                    value.update(before)
 
 
 class Snapshot:
@@ -67,7 +95,7 @@ class Snapshot:
     def __init__(self, model: nn.Module) -> None:
         self.root = model
         # module -> its __dict__ as it was (shallow); insertion order is the walk order.
-        self.modules: dict[nn.Module, dict[str, Any]] = {}
+        self.modules: dict[nn.Module, _Saved] = {}
         # Roots of existing adapters' own subtrees: pre-existing, not captured, never rewired.
         self.sealed: set[nn.Module] = set()
         self.grads: list[tuple[torch.Tensor, bool]] = []
@@ -171,7 +199,8 @@ class Snapshot:
         saved = self.modules.get(owner)
         if saved is None:
             return tensor, True
-        known = (*saved.get("_parameters", {}).values(), *saved.get("_buffers", {}).values())
+        before = saved.contents
+        known = (*before.get("_parameters", {}).values(), *before.get("_buffers", {}).values())
         return tensor, not any(t is tensor for t in known)
 
     def new_subtrees(self) -> Iterator[tuple[nn.Module, nn.Module]]:
@@ -185,7 +214,7 @@ class Snapshot:
         """Every parameter the load created (in new modules or new entries of existing ones)."""
         found: list[nn.Parameter] = []
         for module, saved in self.modules.items():
-            before = saved.get("_parameters", {})
+            before = saved.contents.get("_parameters", {})
             for key, param in module._parameters.items():
                 if param is not None and before.get(key) is not param:
                     found.append(param)
@@ -204,7 +233,7 @@ class Snapshot:
         """Give every captured module its ``training`` flag and every captured parameter its
         ``requires_grad`` back (after a successful add, which PEFT's helpers may have flipped)."""
         for module, saved in self.modules.items():
-            flag = saved.get("training")
+            flag = saved.state.get("training")
             if flag is not None and module.training is not flag:
                 module.training = flag
         self._restore_grads()
@@ -217,9 +246,7 @@ class Snapshot:
     def restore(self) -> None:
         """Put everything captured back: structure, storage, values, flags and ``requires_grad``."""
         for module, saved in self.modules.items():
-            state = vars(module)
-            state.clear()
-            state.update(_capture(saved))
+            _put_back(saved, vars(module))
         with torch.no_grad():
             for tensor, data, own in self._data:
                 tensor.data = data

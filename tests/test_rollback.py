@@ -125,6 +125,34 @@ def test_keyboard_interrupt_mid_load_restores_rewritten_base_weights(init: str, 
     assert_unchanged(model, before)
 
 
+def test_a_refused_load_keeps_the_callers_hook_handles_working(llama_folder: Path, tmp_path: Path) -> None:
+    # A RemovableHandle holds a weak reference to the very dict its hook sits in: a rollback that
+    # put back copies of the module's hook dicts would leave the hook impossible to remove.
+    adapter = _misfit_adapter("fp32", llama_folder, "default", tmp_path)
+    model = tiny_llama_as("fp32", llama_folder)
+    calls: list[str] = []
+    q_proj = model.model.layers[0].self_attn.q_proj
+    handles = [
+        q_proj.register_forward_hook(lambda *_: calls.append("forward")),
+        q_proj.register_forward_pre_hook(lambda *_: calls.append("pre")),
+        model.register_load_state_dict_post_hook(lambda *_: calls.append("load")),
+    ]
+    containers = {name: id(value) for name, value in vars(q_proj).items() if isinstance(value, dict)}
+    with pytest.raises(AdapterWeightsError, match="wrong shape"):
+        load_for_inference(model, adapter)
+    assert {name: id(value) for name, value in vars(q_proj).items() if isinstance(value, dict)} == containers
+    with torch.no_grad():
+        model(IDS)
+    assert calls == ["pre", "forward"]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    with torch.no_grad():
+        model(IDS)
+    assert calls == []
+    assert not q_proj._forward_hooks and not q_proj._forward_pre_hooks
+
+
 @pytest.mark.parametrize(
     ("config", "backed_up"),
     [
