@@ -1,6 +1,6 @@
 """safe_lora next to raw PEFT, measured side by side in one process.
 
-Run ``python benchmarks/bench.py`` (about 3 minutes on an idle 2-core machine) or ``--quick`` (a
+Run ``python benchmarks/bench.py`` (about 9 minutes on an idle 2-core machine) or ``--quick`` (a
 tiny model, to check that the script works; its timings mean nothing). Every measurement alternates
 its two sides (A B, B A, A B, ...) so that drift in machine load cancels, and reports the median of the
 per-pair ratios A/B with their min-max. The exit status is 1 when a median misses its bar.
@@ -9,7 +9,8 @@ Measurements, on a Llama-shaped model built from a config (no download) with a L
 (r=16 on every linear layer, saved with ``save_pretrained``):
 
 1. ``load_for_inference`` vs ``PeftModel.from_pretrained(...).eval()``: wall time, and the peak
-   RSS increase of the load itself (each load in a fresh spawned process).
+   RSS increase of the load itself (each load in a fresh spawned process); again on the model in
+   bfloat16.
 2. ``deterministic_lora`` enter + exit vs a ``model.eval(); model.train()`` round trip on the same
    model, and vs the forward pass it wraps.
 3. Forward latency: ``load_for_inference(merge=True)`` vs the base model without adapter, and
@@ -18,7 +19,7 @@ Measurements, on a Llama-shaped model built from a config (no download) with a L
    adding 24 adapters one by one with ``load_adapter`` vs ``PeftModel.load_adapter`` (total, and how
    the cost of one add grows), ``use_adapter`` vs a ``set_adapter`` round trip, and
    ``load_adapter(replace=True)`` vs ``PeftModel.load_adapter`` into a new name and vs PEFT's
-   ``hotswap_adapter``.
+   ``hotswap_adapter``, and ``deterministic_lora`` on a training model holding all the adapters.
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ def test_a_refused_load_keeps_the_callers_hook_handles_working(llama_folder: Pat
     with torch.no_grad():
         model(IDS)
     assert calls == []
-    assert not q_proj._forward_hooks and not q_proj._forward_pre_hooks
+    assert not q_proj._forward_hooks
+    assert not q_proj._forward_pre_hooks
 
 
 @pytest.mark.parametrize(
