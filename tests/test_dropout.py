@@ -693,7 +693,12 @@ def property_model() -> nn.Module:
 N_MODULES = 24
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,  # the same examples on every run: CI is reproducible
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     assignment=st.lists(st.booleans(), min_size=N_MODULES, max_size=N_MODULES),
     include_base=st.booleans(),
