@@ -22,8 +22,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 
-from safe_lora._config import dropout_rates
-from safe_lora._loading import AdapterSource, _attach, _peft_type, _Plan, _plan, _split_kwargs
+from safe_lora._config import dropout_rates, init_keeps_base, peft_type_name
+from safe_lora._loading import AdapterSource, _attach, _Plan, _plan, _split_kwargs
 from safe_lora._rollback import rollback_on_error, tensor_at
 from safe_lora._validate import base_of, compare, expected_keys
 from safe_lora.errors import (
@@ -304,7 +304,6 @@ _FREE_FIELDS = frozenset(
     }
 )
 _ALPHA_FIELDS = frozenset({"lora_alpha", "alpha_pattern"})
-_ADAPTER_ONLY_INITS: frozenset[object] = frozenset({True, False, "gaussian", "eva", "orthogonal", "mica"})
 
 
 def _comparable(value: Any) -> Any:
@@ -324,7 +323,7 @@ def _config_changes(old: PeftConfig, new: PeftConfig, *, lora: bool) -> list[str
         if f.name in free:
             continue
         a, b = _comparable(getattr(old, f.name, None)), _comparable(getattr(new, f.name, None))
-        if f.name == "init_lora_weights" and a in _ADAPTER_ONLY_INITS and b in _ADAPTER_ONLY_INITS:
+        if f.name == "init_lora_weights" and init_keeps_base(a) and init_keeps_base(b):
             continue  # the init is overwritten by the loaded values, unless it rewrote the base
         if a != b:
             changed.append(f"{f.name}: loaded {a!r}, new {b!r}")
@@ -474,8 +473,8 @@ def _replace(model: PeftModel, plan: _Plan, *, training: bool) -> None:
             path=plan.files.folder,
         )
 
-    if _peft_type(old) != _peft_type(new):
-        raise refuse(f"expected a {_peft_type(old)} adapter, found {_peft_type(new)}")
+    if peft_type_name(old) != peft_type_name(new):
+        raise refuse(f"expected a {peft_type_name(old)} adapter, found {peft_type_name(new)}")
     if new.is_prompt_learning:
         raise refuse("prompt-learning adapters are not swapped in place")
     lora = getattr(model.base_model, "prefix", "") == "lora_"

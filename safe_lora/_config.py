@@ -736,6 +736,31 @@ def nonfinite_message(path: Path, fields: list[str]) -> str:
     )
 
 
+def peft_type_name(config: PeftConfig) -> str:
+    """The config's PEFT type as a plain name, e.g. ``"LORA"`` (``"unknown"`` when it has none)."""
+    raw = getattr(config, "peft_type", "unknown")
+    return str(getattr(raw, "value", raw))
+
+
+# LoRA initialisations that only touch the adapter's own tensors. Every other string (PiSSA, CorDA,
+# OLoRA, LoftQ, LoRA-GA, and any a newer PEFT adds) is assumed to rewrite the base weight.
+_ADAPTER_ONLY_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+
+
+def init_keeps_base(init: object) -> bool:
+    """Whether a LoRA ``init_lora_weights`` value leaves the base weights alone (``True``,
+    ``False``, ``"gaussian"``, ...); PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite them."""
+    return isinstance(init, bool) or (isinstance(init, str) and init.lower() in _ADAPTER_ONLY_INITS)
+
+
+def rewrites_base(config: PeftConfig) -> bool:
+    """Whether injecting ``config`` recomputes the targets' base weights (PiSSA, OLoRA, KaSA, ...)."""
+    init = getattr(config, "init_lora_weights", None)
+    if isinstance(init, str) and not init_keeps_base(init):
+        return True
+    return getattr(config, "kasa_config", None) is not None
+
+
 def _is_rate_field(field: dataclasses.Field[Any]) -> bool:
     # The annotation may be a string under `from __future__ import annotations`; a rate is a float
     # whose field name says dropout (rank_dropout_scale, a bool, is not a rate).

@@ -39,7 +39,9 @@ from safe_lora._config import (
     STRUCTURAL_RATES,
     AdapterFiles,
     locate_adapter,
+    peft_type_name,
     prepared_copy,
+    rewrites_base,
     structural_overrides,
 )
 from safe_lora._merge import merge as merge_adapter
@@ -229,14 +231,14 @@ def _plan(
         if runtime is None:
             if options.ephemeral_gpu_offload:
                 raise TypeError(
-                    f"ephemeral_gpu_offload=True is not supported by {_peft_type(prepared)} adapters — "
+                    f"ephemeral_gpu_offload=True is not supported by {peft_type_name(prepared)} adapters — "
                     f"PEFT would ignore it; remove it."
                 )
         else:
             runtime.ephemeral_gpu_offload = options.ephemeral_gpu_offload
     if training and prepared.is_prompt_learning:
         raise AdapterConfigError(
-            f"Cannot load a {_peft_type(prepared)} adapter for training: PEFT can only load "
+            f"Cannot load a {peft_type_name(prepared)} adapter for training: PEFT can only load "
             f"prompt-learning adapters frozen — use load_for_inference, or train a fresh adapter "
             f"with get_peft_model.",
             path=folder,
@@ -282,26 +284,9 @@ def _plan(
     )
 
 
-def _peft_type(config: PeftConfig) -> str:
-    raw = getattr(config, "peft_type", "unknown")
-    return str(getattr(raw, "value", raw))
-
-
 # --------------------------------------------------------------------------------------------------
 # What PEFT may write in place
 # --------------------------------------------------------------------------------------------------
-
-# LoRA initialisations that only touch the adapter's own tensors. Every other string (PiSSA, CorDA,
-# OLoRA, LoftQ, LoRA-GA, and any a newer PEFT adds) is assumed to rewrite the base weight.
-_ADAPTER_ONLY_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
-
-
-def _rewrites_base(config: PeftConfig) -> bool:
-    """Whether injecting ``config`` recomputes the targets' base weights (PiSSA, OLoRA, KaSA, ...)."""
-    init = getattr(config, "init_lora_weights", None)
-    if isinstance(init, str) and init.lower() not in _ADAPTER_ONLY_INITS:
-        return True
-    return getattr(config, "kasa_config", None) is not None
 
 
 def _is_quantized(tensor: torch.Tensor) -> bool:
@@ -335,7 +320,7 @@ def _protect_in_place_targets(model: nn.Module, config: PeftConfig, snapshot: Sn
     A plain LoRA on a float base writes no existing tensor, so nothing is copied. A base-rewriting
     init writes its targets' weights; quantized weights are rebuilt by several PEFT code paths.
     """
-    rewrites = _rewrites_base(config)
+    rewrites = rewrites_base(config)
     if not (rewrites or snapshot.quantized):
         return  # the common load: nothing to copy, and no need to match targets
     for module in _targets(model, config):

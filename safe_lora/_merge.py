@@ -18,14 +18,10 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from safe_lora._config import peft_type_name
 from safe_lora.errors import AdapterMergeError
 
 __all__ = ["check_mergeable", "merge"]
-
-
-def _peft_type(peft_model: PeftModel, adapter_name: str) -> str:
-    raw = getattr(peft_model.peft_config[adapter_name], "peft_type", "unknown")
-    return str(getattr(raw, "value", raw))
 
 
 def check_mergeable(peft_model: PeftModel, adapter_name: str) -> None:
@@ -34,7 +30,7 @@ def check_mergeable(peft_model: PeftModel, adapter_name: str) -> None:
     Raises:
         AdapterMergeError: The tuner cannot merge at all, or one of its layers fails to (named).
     """
-    peft_type = _peft_type(peft_model, adapter_name)
+    peft_type = peft_type_name(peft_model.peft_config[adapter_name])
     tuner: Any = peft_model.base_model
     if peft_model.peft_config[adapter_name].is_prompt_learning or not hasattr(tuner, "merge_and_unload"):
         raise AdapterMergeError(

@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from safe_lora._config import special_file
+from safe_lora._config import peft_type_name, rewrites_base, special_file
 from safe_lora.errors import (
     AdapterWeightsError,
     NoOpAdapterWarning,
@@ -311,11 +311,6 @@ def layer_param_names(tuner_cls: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-def _peft_type(config: PeftConfig) -> str:
-    raw = getattr(config, "peft_type", "unknown")
-    return str(getattr(raw, "value", raw))
-
-
 def wrong_dtypes(config: PeftConfig, header: Mapping[str, HeaderEntry]) -> dict[str, str]:
     """The keys whose dtype the adapter cannot hold, with that dtype (``{key: "I32"}``), sorted.
 
@@ -326,7 +321,7 @@ def wrong_dtypes(config: PeftConfig, header: Mapping[str, HeaderEntry]) -> dict[
     forward. Modules saved whole (``modules_to_save``, embedding layers) may hold integer buffers,
     but never a ``weight`` or ``bias`` of bool or integers wider than 8 bits.
     """
-    peft_type = _peft_type(config)
+    peft_type = peft_type_name(config)
     names = layer_param_names(tuner_class(peft_type)) | _FLOAT_NAMES
     bad = {}
     for key, entry in header.items():
@@ -467,10 +462,6 @@ NOOP_RULES: dict[str, _NoOpRule] = {
     "ADAPTION_PROMPT": _NoOpRule(terms=(("adaption_gate",),), neutral=("adaption_prompt",)),
 }
 
-# LoRA inits that leave the base weights alone; the others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA)
-# rewrite them when the adapter is injected, so a zero lora_B does not mean "unchanged".
-_LORA_INITS_KEEPING_BASE = (True, False, "gaussian", "orthogonal", "eva", "mica")
-
 
 def noop_adapter(config: PeftConfig, tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether loading these saved tensors with this config provably changes nothing.
@@ -489,16 +480,14 @@ def noop_adapter(config: PeftConfig, tensors: Mapping[str, torch.Tensor]) -> boo
         ...                             "base_model.model.fc1.lora_B.weight": torch.zeros(8, 4)})
         True
     """
-    peft_type = _peft_type(config)
+    peft_type = peft_type_name(config)
     rule = NOOP_RULES.get(peft_type)
     if rule is None or not tensors:
         return False
-    if peft_type == "LORA":
-        init = getattr(config, "init_lora_weights", True)
-        if getattr(config, "layer_replication", None) or not any(
-            init is ok or (isinstance(ok, str) and init == ok) for ok in _LORA_INITS_KEEPING_BASE
-        ):
-            return False
+    # Inits that rewrite the base weights when the adapter is injected (PiSSA, OLoRA, KaSA, ...):
+    # then a zero lora_B does not mean "unchanged".
+    if peft_type == "LORA" and (getattr(config, "layer_replication", None) or rewrites_base(config)):
+        return False
     modules: dict[str, dict[str, list[str]]] = {}
     for key in tensors:
         parts = key.split(".")
@@ -534,7 +523,7 @@ def noop_adapter(config: PeftConfig, tensors: Mapping[str, torch.Tensor]) -> boo
 def noop_message(config: PeftConfig, subject: str) -> str:
     """What an adapter that changes nothing is told, ``subject`` naming it (e.g. ``"Adapter 'a'"``)."""
     return (
-        f"{subject} changes nothing: every output factor of its {_peft_type(config)} layers is exactly "
+        f"{subject} changes nothing: every output factor of its {peft_type_name(config)} layers is exactly "
         f"zero (or at its identity value), so the model computes what the base model computes — it "
         f"was probably saved before the first training step, or its weights were gathered wrongly; "
         f"load the trained checkpoint."

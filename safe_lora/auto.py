@@ -24,7 +24,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from torch import nn
 
-from safe_lora._config import AdapterFiles, locate_adapter, prepared_copy
+from safe_lora._config import AdapterFiles, locate_adapter, peft_type_name, prepared_copy
 from safe_lora._loading import load_for_inference, load_for_training
 from safe_lora._validate import HeaderEntry, check_finite, iter_tensors, read_header
 from safe_lora.errors import AdapterConfigError, AdapterNotFoundError
@@ -246,8 +246,9 @@ def _check_adapter(
     prepared_copy(config, dropout=dropout, inference_mode=not training)  # an invalid dropout raises here
     if training and config.is_prompt_learning:
         raise AdapterConfigError(
-            f"Cannot load a {_peft_type(config)} adapter for training: PEFT can only load prompt-learning "
-            f"adapters frozen — use auto.for_inference, or train a fresh adapter with get_peft_model.",
+            f"Cannot load a {peft_type_name(config)} adapter for training: PEFT can only load "
+            f"prompt-learning adapters frozen — use auto.for_inference, or train a fresh adapter with "
+            f"get_peft_model.",
             path=files.folder,
         )
     if files.weights is None:
@@ -361,8 +362,3 @@ def _grow_embeddings(base: nn.Module, header: dict[str, HeaderEntry]) -> None:
         resize: Any = getattr(base, "resize_token_embeddings", None)
         if callable(resize):
             resize(max(rows))
-
-
-def _peft_type(config: PeftConfig) -> str:
-    raw = getattr(config, "peft_type", "unknown")
-    return str(getattr(raw, "value", raw))
