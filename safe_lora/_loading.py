@@ -45,7 +45,7 @@ from safe_lora._config import (
     structural_overrides,
 )
 from safe_lora._merge import merge as merge_adapter
-from safe_lora._rollback import Snapshot, rollback_on_error
+from safe_lora._rollback import Snapshot, holds_quantized, rollback_on_error
 from safe_lora._validate import (
     Expected,
     HeaderEntry,
@@ -289,12 +289,6 @@ def _plan(
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_quantized(tensor: torch.Tensor) -> bool:
-    # bitsandbytes keeps 4-bit weights packed in uint8 and 8-bit ones in int8, with their state
-    # (quant_state, SCB) as attributes of the parameter; a float weight is plain storage.
-    return not (tensor.is_floating_point() or tensor.is_complex()) or bool(vars(tensor))
-
-
 def _targets(model: nn.Module, config: PeftConfig) -> list[nn.Module]:
     """The modules PEFT will adapt for ``config``, by PEFT's own matching; every module if unsure."""
     inner = base_of(model)
@@ -325,7 +319,7 @@ def _protect_in_place_targets(model: nn.Module, config: PeftConfig, snapshot: Sn
         return  # the common load: nothing to copy, and no need to match targets
     for module in _targets(model, config):
         for tensor in (*module._parameters.values(), *module._buffers.values()):
-            if tensor is not None and (rewrites or _is_quantized(tensor)):
+            if tensor is not None and (rewrites or holds_quantized(tensor)):
                 snapshot.backup(tensor)
 
 

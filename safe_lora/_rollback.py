@@ -27,19 +27,21 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-__all__ = ["Snapshot", "rollback_on_error", "tensor_at"]
+__all__ = ["Snapshot", "holds_quantized", "rollback_on_error", "tensor_at"]
 
 # The per-adapter containers of tuner layers and auxiliary wrappers: their entries, keyed by adapter
 # name, are one adapter's own modules.
 _ADAPTER_DICTS = (nn.ModuleDict, nn.ParameterDict)
 
 
-def _looks_quantized(tensor: torch.Tensor) -> bool:
-    # bitsandbytes packs 4-bit weights in uint8 and 8-bit ones in int8 and keeps their state
-    # (quant_state, SCB, ...) as attributes of the parameter.
-    return isinstance(tensor, nn.Parameter) and (
-        not (tensor.is_floating_point() or tensor.is_complex())
-        or any("quant" in k or k == "SCB" for k in vars(tensor))
+def holds_quantized(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is quantized storage: integer-packed, or carrying a quantization state.
+
+    bitsandbytes packs 4-bit weights in uint8 (or a float ``quant_storage``) and 8-bit ones in
+    int8, and keeps their state (``quant_state``, ``SCB``) as attributes of the parameter.
+    """
+    return not (tensor.is_floating_point() or tensor.is_complex()) or any(
+        "quant" in k or k == "SCB" for k in vars(tensor)
     )
 
 
@@ -125,7 +127,9 @@ class Snapshot:
                         self.grads.append((tensor, tensor.requires_grad))
                     own = vars(tensor)
                     if own or not (tensor.is_floating_point() or tensor.is_complex()):
-                        self.quantized = self.quantized or _looks_quantized(tensor)
+                        # Parameters only: integer buffers (position ids, masks) are common.
+                        quantized = isinstance(tensor, nn.Parameter) and holds_quantized(tensor)
+                        self.quantized = self.quantized or quantized
                     self._data.append((tensor, tensor.data, dict(own) if own else None))
             opens = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
             for child in state.get("_modules", {}).values():
