@@ -207,6 +207,51 @@ def _name_or_path(model: nn.Module) -> str:
     return str(name or "")
 
 
+def read_checked_weights(
+    files: AdapterFiles, config: PeftConfig, *, training: bool, instead: str
+) -> tuple[Path, dict[str, HeaderEntry], dict[str, torch.Tensor]]:
+    """Read the weights file and check it as every load does before a model is touched.
+
+    Args:
+        files: Where the adapter is (:func:`~safe_lora._config.locate_adapter`).
+        config: The adapter's config.
+        training: Whether the load is for training (prompt-learning adapters cannot be).
+        instead: The call to suggest for a prompt-learning adapter, e.g. ``"load_for_inference"``.
+
+    Returns:
+        ``(weights, header, tensors)``: the weights file, every key's dtype and shape, and the
+        tensors themselves.
+
+    Raises:
+        AdapterConfigError: A prompt-learning adapter loaded for training.
+        AdapterNotFoundError: No weights file.
+        AdapterWeightsError: Unreadable, NaN/inf values, or dtypes the adapter cannot hold.
+        UnsafeAdapterError: A pickle that ``weights_only`` refuses.
+    """
+    if training and config.is_prompt_learning:
+        raise AdapterConfigError(
+            f"Cannot load a {peft_type_name(config)} adapter for training: PEFT can only load "
+            f"prompt-learning adapters frozen — use {instead}, or train a fresh adapter with "
+            f"get_peft_model.",
+            path=files.folder,
+        )
+    if files.weights is None:
+        raise AdapterNotFoundError(
+            f"Adapter weights not found in {os.fspath(files.folder)!r}: expected adapter_model.safetensors "
+            f"— re-save the adapter with save_pretrained.",
+            path=files.folder / "adapter_model.safetensors",
+        )
+    if files.weights_format == "safetensors":
+        header = read_header(files.weights)
+        tensors = dict(iter_tensors(files.weights))
+    else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
+        tensors = read_pickle(files.weights)
+        header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+    check_finite(files.weights, tensors.items())
+    check_dtypes(files.weights, config, header)
+    return files.weights, header, tensors
+
+
 def _plan(
     model: nn.Module,
     source: AdapterSource,
@@ -236,29 +281,10 @@ def _plan(
                 )
         else:
             runtime.ephemeral_gpu_offload = options.ephemeral_gpu_offload
-    if training and prepared.is_prompt_learning:
-        raise AdapterConfigError(
-            f"Cannot load a {peft_type_name(prepared)} adapter for training: PEFT can only load "
-            f"prompt-learning adapters frozen — use load_for_inference, or train a fresh adapter "
-            f"with get_peft_model.",
-            path=folder,
-        )
-    if files.weights is None:
-        raise AdapterNotFoundError(
-            f"Adapter weights not found in {os.fspath(folder)!r}: expected adapter_model.safetensors — "
-            f"re-save the adapter with save_pretrained.",
-            path=folder / "adapter_model.safetensors",
-        )
-    if files.weights_format == "safetensors":
-        header = read_header(files.weights)
-        tensors = dict(iter_tensors(files.weights))
-    else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
-        tensors = read_pickle(files.weights)
-        header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
-    check_finite(files.weights, tensors.items())
-    # Bad-input checks (see _validate): dtypes the adapter cannot hold; an adapter that changes nothing.
-    check_dtypes(files.weights, prepared, header)
-    warn_if_noop(prepared, tensors, name=name, path=files.folder)
+    weights, header, tensors = read_checked_weights(
+        files, prepared, training=training, instead="load_for_inference"
+    )
+    warn_if_noop(prepared, tensors, name=name, path=folder)
 
     trained_on = getattr(prepared, "base_model_name_or_path", None) or ""
     loading_into = _name_or_path(model)
@@ -276,7 +302,7 @@ def _plan(
     return _Plan(
         name=name,
         files=files,
-        weights=files.weights,
+        weights=weights,
         config=prepared,
         header=header,
         tensors=tensors,

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
-import torch
 from peft import PeftConfig, PeftModel
 from torch import nn
 
-from safe_lora._config import AdapterFiles, locate_adapter, peft_type_name, prepared_copy
-from safe_lora._loading import load_for_inference, load_for_training
-from safe_lora._validate import HeaderEntry, check_finite, iter_tensors, read_header
-from safe_lora.errors import AdapterConfigError, AdapterNotFoundError
+from safe_lora._config import AdapterFiles, locate_adapter, prepared_copy
+from safe_lora._loading import load_for_inference, load_for_training, read_checked_weights
+from safe_lora._validate import HeaderEntry
+from safe_lora.errors import AdapterConfigError
 
 __all__ = ["for_inference", "for_training"]
 
@@ -244,26 +243,7 @@ def _check_adapter(
         cache_dir=cache_dir,
     )
     prepared_copy(config, dropout=dropout, inference_mode=not training)  # an invalid dropout raises here
-    if training and config.is_prompt_learning:
-        raise AdapterConfigError(
-            f"Cannot load a {peft_type_name(config)} adapter for training: PEFT can only load "
-            f"prompt-learning adapters frozen — use auto.for_inference, or train a fresh adapter with "
-            f"get_peft_model.",
-            path=files.folder,
-        )
-    if files.weights is None:
-        raise AdapterNotFoundError(
-            f"Adapter weights not found in {os.fspath(files.folder)!r}: expected adapter_model.safetensors "
-            f"— re-save the adapter with save_pretrained.",
-            path=files.folder / "adapter_model.safetensors",
-        )
-    if files.weights_format == "safetensors":
-        header = read_header(files.weights)
-        check_finite(files.weights, iter_tensors(files.weights))  # one tensor at a time
-    else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
-        tensors = torch.load(files.weights, map_location="cpu", weights_only=True)
-        header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
-        check_finite(files.weights, tensors.items())
+    _, header, _ = read_checked_weights(files, config, training=training, instead="auto.for_inference")
     return _Checked(files, config, header)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,8 @@ def _nan(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ("truncated", AdapterWeightsError, "not a valid safetensors file"),
         ("unknown type", AdapterConfigError, "Unknown PEFT type"),
         ("pickle only", UnsafeAdapterError, "allow_pickle=True"),
+        ("pickle with code", UnsafeAdapterError, "weights_only"),  # even with allow_pickle=True
+        ("integer weights", AdapterWeightsError, "dtypes the adapter cannot hold"),
         ("bad dropout", ValueError, r"dropout must be in \[0, 1\)"),
     ],
 )
@@ -174,9 +177,22 @@ def test_broken_adapter_is_refused_before_the_base_loads(
     elif case == "pickle only":
         torch.save(load_file(broken / SAFETENSORS), broken / "adapter_model.bin")
         (broken / SAFETENSORS).unlink()
+    elif case == "pickle with code":
+        (broken / "adapter_model.bin").write_bytes(pickle.dumps({"x": _RunsCode()}))
+        (broken / SAFETENSORS).unlink()
+    elif case == "integer weights":
+        tensors = load_file(broken / SAFETENSORS)
+        save_file({k: v.to(torch.int32) for k, v in tensors.items()}, broken / SAFETENSORS)
     dropout = 2.0 if case == "bad dropout" else 0.0
     with pytest.raises(error, match=match):
-        auto.for_inference(broken, dropout=dropout)
+        auto.for_inference(broken, dropout=dropout, allow_pickle=case == "pickle with code")
+
+
+class _RunsCode:
+    """Unpickling this would call a function: ``torch.load(weights_only=True)`` refuses it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.getcwd, ())
 
 
 # --- against the local hub: the bars --------------------------------------------------------------------
