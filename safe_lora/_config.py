@@ -261,8 +261,8 @@ def locate_adapter(
         local_files_only=local_files_only,
     )
     folder = location.folder
-    if location.hub is None:  # a local folder: the same checks, in the same order, as before
-        files = find_files(folder, allow_pickle=allow_pickle)
+    if location.hub is None:  # a local folder: its layout is refused before its config is read
+        files = _local_files(location, allow_pickle=allow_pickle)
         return files, config if config is not None else read_config(folder)
 
     hub = location.hub
@@ -366,31 +366,28 @@ def special_file(path: Path) -> str | None:
     return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 
-def find_files(folder: Path, *, allow_pickle: bool) -> AdapterFiles:
-    """Check the folder's layout and pick the weights file, safetensors first.
+def _local_files(location: AdapterLocation, *, allow_pickle: bool) -> AdapterFiles:
+    """The weights file of a local adapter folder, safetensors first.
 
-    A file name that is there but is not a regular file (a directory, a FIFO, a link to
-    ``/dev/zero``) is picked all the same and refused by the reader with a typed error: it is never
-    skipped in favour of the next file.
+    :func:`open_adapter` already found which names are there; a name that is there but is not a
+    regular file (a directory, a FIFO, a link to ``/dev/zero``) is picked all the same and refused
+    by the reader with a typed error: it is never skipped in favour of the next file.
 
     Raises:
-        AdapterNotFoundError: No folder, no ``adapter_config.json`` or no weights file.
         UnsafeAdapterError: Only ``adapter_model.bin`` is there and ``allow_pickle`` is false.
     """
-    _require_config(folder)
-    if special_file(folder / SAFETENSORS_NAME) != "missing":
-        return AdapterFiles(folder, folder / SAFETENSORS_NAME, "safetensors")
-    if special_file(folder / PICKLE_NAME) != "missing":
-        if not allow_pickle:
-            raise UnsafeAdapterError(
-                f"Refusing to unpickle {os.fspath(folder / PICKLE_NAME)!r}: the adapter has no "
-                f"{SAFETENSORS_NAME}, and loading a pickle can run arbitrary code — expected "
-                f"safetensors weights — re-save the adapter with save_pretrained(safe_serialization=True), "
-                f"or pass allow_pickle=True if you trust its source.",
-                path=folder / PICKLE_NAME,
-            )
-        return AdapterFiles(folder, folder / PICKLE_NAME, "pickle")
-    return AdapterFiles(folder, None, None)
+    folder, weights_format = location.folder, location.weights_format
+    if weights_format == "pickle" and not allow_pickle:
+        raise UnsafeAdapterError(
+            f"Refusing to unpickle {os.fspath(folder / PICKLE_NAME)!r}: the adapter has no "
+            f"{SAFETENSORS_NAME}, and loading a pickle can run arbitrary code — expected "
+            f"safetensors weights — re-save the adapter with save_pretrained(safe_serialization=True), "
+            f"or pass allow_pickle=True if you trust its source.",
+            path=folder / PICKLE_NAME,
+        )
+    names = {"safetensors": SAFETENSORS_NAME, "pickle": PICKLE_NAME}
+    weights = folder / names[weights_format] if weights_format is not None else None
+    return AdapterFiles(folder, weights, weights_format)
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
