@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from safe_lora._version import __version__
-from safe_lora.errors import AdapterAccessError, AdapterNotFoundError, HubUnreachableWarning
+from safe_lora.errors import AdapterAccessError, AdapterNotFoundError, HubUnreachableWarning, _user_stacklevel
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ def open_folder(
             f"from the local cache, which may be older than the hub's revision — check the connection "
             f"(or set HF_HUB_OFFLINE=1 to mean it).",
             HubUnreachableWarning,
-            stacklevel=_outside_stacklevel(),
+            stacklevel=_user_stacklevel(),
         )
         return folder
 
@@ -288,11 +287,7 @@ def _from_cache(
     reason: str,
 ) -> HubFolder:
     """The folder as the local cache holds it: ``refs/<revision>`` names the commit, ``snapshots/`` files."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    root = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
-    storage = root / repo_folder_name(repo_id=repo_id, repo_type="model")
+    root, storage = _storage(cache_dir, repo_id)
     commit: str | None = revision if _COMMIT.fullmatch(revision) else None
     ref = storage / "refs" / revision
     if commit is None and ref.is_file():
@@ -327,6 +322,15 @@ def _from_cache(
     )
 
 
+def _storage(cache_dir: str | None, repo_id: str) -> tuple[Path, Path]:
+    """The Hugging Face cache in use and the repo's folder in it, laid out as huggingface_hub does."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    root = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
+    return root, root / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
 def _remember_revision(cache_dir: str | None, repo_id: str, revision: str, commit: str) -> None:
     """Write ``refs/<revision>`` as huggingface_hub does, so that an offline load finds this commit later.
 
@@ -335,11 +339,7 @@ def _remember_revision(cache_dir: str | None, repo_id: str, revision: str, commi
     """
     if revision == commit:
         return
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    root = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
-    ref = root / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    ref = _storage(cache_dir, repo_id)[1] / "refs" / revision
     try:
         if not ref.is_file() or ref.read_text(encoding="utf-8").strip() != commit:
             ref.parent.mkdir(parents=True, exist_ok=True)
@@ -381,18 +381,3 @@ def _short(exc: BaseException) -> str:
     """The first line of an error, with its type: huggingface_hub's messages run to several paragraphs."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the caller's own line, outside safe_lora.
-
-    Hub resolution runs under several entry points (loaders, ``auto``, ``inspect_adapter``) at
-    different depths, so a fixed number would blame safe_lora's code in some of them.
-    """
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame = sys._getframe(1)
-    level = 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame = frame.f_back
-        level += 1
-    return level

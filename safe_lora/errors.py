@@ -54,7 +54,7 @@ def _user_stacklevel() -> int:
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
     level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame = frame.f_back
         level += 1
     return level

@@ -216,7 +216,7 @@ class Outcome:
     error: str | None  # the error's type name
     error_types: list[str]  # every class in the error's MRO, e.g. ["AdapterNotFoundError", ...]
     message: str
-    warnings: list[list[str]]  # [[category name, message], ...]
+    warnings: list[list[str]]  # [[category name, message, file name it is blamed on], ...]
     requests: list[Request]
 
     @property
@@ -230,7 +230,11 @@ class Outcome:
         return [f"{r.repo}/{r.resolved_file}" for r in self.requests if r.resolved_file]
 
     def warned(self, category: str) -> list[str]:
-        return [message for name, message in self.warnings if name == category]
+        return [message for name, message, _ in self.warnings if name == category]
+
+    def warned_from(self, category: str) -> list[str]:
+        """The file names the warnings of ``category`` are blamed on (their ``stacklevel``)."""
+        return [where for name, _, where in self.warnings if name == category]
 
 
 def _index(requests: list[Request], path: str, begin: int = 0, later: Iterable[str] = ()) -> int:
@@ -416,7 +420,9 @@ def child_main(argv: list[str]) -> None:
                     traceback.print_exc()
         noise = (DeprecationWarning, FutureWarning)  # the libraries' own deprecations
         outcome["warnings"] = [
-            [w.category.__name__, str(w.message)] for w in caught if not issubclass(w.category, noise)
+            [w.category.__name__, str(w.message), Path(w.filename).name]
+            for w in caught
+            if not issubclass(w.category, noise)
         ]
         results[name] = outcome
     mark("_end")

@@ -241,6 +241,7 @@ def test_unreachable_hub_falls_back_to_the_cache_with_a_warning(outcomes: dict[s
     (warning,) = outcome.warned("HubUnreachableWarning")
     assert "Hugging Face Hub unreachable (ConnectError" in warning
     assert "'org/adapter' at revision 'main'" in warning
+    assert outcome.warned_from("HubUnreachableWarning") == ["test_hub.py"]  # the caller's line
 
 
 # --- the child side: runs in a subprocess pointed at the server ----------------------------------------
