@@ -19,6 +19,7 @@ __all__ = [
     "AdapterAccessError",
     "AdapterConfigError",
     "AdapterExistsError",
+    "AdapterIntegrityError",
     "AdapterMergeError",
     "AdapterNotFoundError",
     "AdapterWeightsError",
@@ -146,6 +147,33 @@ class AdapterWeightsError(SafeLoraError, ValueError):
         self.mismatched_keys = dict(sorted((mismatched_keys or {}).items()))
         self.nonfinite_keys = sorted(nonfinite_keys)
         self.wrong_dtypes = dict(sorted((wrong_dtypes or {}).items()))
+
+
+class AdapterIntegrityError(SafeLoraError, ValueError):
+    """A file's bytes are not the bytes someone vouched for: a pinned digest, the hub's record, a signature.
+
+    Raised before the model is touched. The digest is computed over the very bytes that are parsed,
+    so nothing can change between the check and the use.
+
+    Attributes:
+        path: The file whose bytes were checked (or, for a hub file, ``repo_id/filename``).
+        expected: The sha256 (hex) the file was expected to have, when the check is a digest;
+            ``None`` for a signature that did not verify.
+        actual: The sha256 (hex) of the bytes read; ``None`` when the file was not read.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str],
+        expected: str | None = None,
+        actual: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+        self.expected = expected
+        self.actual = actual
 
 
 class UnsafeAdapterError(SafeLoraError, ValueError):

@@ -60,11 +60,23 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
     return model.eval()
 
 
+# bitsandbytes' CPU 4-bit kernels (0.50, on CPUs with AVX512-BF16) need every quantized layer's
+# inputs to be a multiple of its block size (64) and its outputs of 32: the 32-wide tiny Llama fails
+# inside bitsandbytes at the first forward, raw PEFT's too. The bases of the fidelity matrix are
+# this wider tiny Llama, in every kind, so that one adapter fits them all.
+QUANTIZABLE = {"hidden_size": 64, "intermediate_size": 128}
+
+
+def quantizable_llama(seed: int = 0) -> Any:
+    """:func:`tiny_llama` with every layer wide enough for bitsandbytes' CPU kernels."""
+    return tiny_llama(seed, **QUANTIZABLE)
+
+
 @pytest.fixture(scope="session")
 def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """:func:`tiny_llama` saved with ``save_pretrained``, for the bases of :func:`tiny_llama_as`."""
+    """:func:`quantizable_llama` saved with ``save_pretrained``, for the bases of :func:`tiny_llama_as`."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(folder)
+    quantizable_llama().save_pretrained(folder)
     return folder
 
 
@@ -113,10 +125,17 @@ Snapshot = dict[str, Any]
 
 
 def snapshot(model: nn.Module) -> Snapshot:
-    """Everything "left exactly as it was" means: module objects and types, values, flags, grads."""
+    """Everything "left exactly as it was" means: module objects and types, values, flags, grads.
+
+    Values are read from the parameters and buffers themselves, not from ``state_dict()``: on CPUs
+    with AVX512-BF16, bitsandbytes' 4-bit layers re-pack their weight for the CPU kernel at the first
+    forward and ``state_dict()`` unpacks it again, in place and lossily, so reading the state through
+    it would change the model under test.
+    """
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     return {
         "modules": [(name, id(m), type(m)) for name, m in model.named_modules()],
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "state": {k: v.detach().clone() for k, v in tensors},
         "training": {name: m.training for name, m in model.named_modules()},
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
         "attrs": {name: sorted(vars(m)) for name, m in model.named_modules()},
@@ -140,7 +159,7 @@ BASE_KINDS = ("fp32", "bf16", "fp16", "bnb4-fp32", "bnb4-bf16", "bnb8")
 
 
 def tiny_llama_as(kind: str, folder: Path) -> Any:
-    """The tiny Llama saved in ``folder`` (``tiny_llama().save_pretrained``) as one of ``BASE_KINDS``.
+    """The tiny Llama saved in ``folder`` (``quantizable_llama().save_pretrained``) as one of ``BASE_KINDS``.
 
     Half precision is a cast of the fp32 weights; the bnb kinds go through ``from_pretrained`` with a
     ``BitsAndBytesConfig``, as a QLoRA user loads them (``bnb4-bf16`` also keeps its unquantized
@@ -150,7 +169,7 @@ def tiny_llama_as(kind: str, folder: Path) -> Any:
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if kind in dtypes:
-        return tiny_llama().to(dtypes[kind]).eval()
+        return quantizable_llama().to(dtypes[kind]).eval()
     quantization = {
         "bnb4-fp32": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
         "bnb4-bf16": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),

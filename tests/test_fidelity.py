@@ -43,7 +43,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import BASE_KINDS, save_adapter, tiny_llama, tiny_llama_as
+from conftest import BASE_KINDS, QUANTIZABLE, quantizable_llama, save_adapter, tiny_llama_as
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
 
@@ -220,7 +220,7 @@ class Lab:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.folder = root / "tiny-llama"
-        tiny_llama().save_pretrained(self.folder)
+        quantizable_llama().save_pretrained(self.folder)
         self._bases: dict[str, nn.Module] = {}
         self._adapters: dict[tuple[str, str, int], Path | Exception] = {}
 
@@ -239,7 +239,7 @@ class Lab:
         # X-LoRA mixes LoRA adapters saved before it, named by their folders.
         experts = {str(seed): str(self.adapter("fp32", "lora", seed)) for seed in (0, 1)}
         return peft.XLoraConfig(
-            task_type="CAUSAL_LM", hidden_size=32, adapters=experts, xlora_depth=2, xlora_dropout_p=0.1
+            task_type="CAUSAL_LM", hidden_size=QUANTIZABLE["hidden_size"], adapters=experts, xlora_depth=2, xlora_dropout_p=0.1
         )
 
     def adapter(self, kind: str, name: str, seed: int = 0) -> Path:
