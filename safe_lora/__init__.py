@@ -1,16 +1,21 @@
-"""safe_lora: load and evaluate PEFT adapters safely and deterministically."""
+"""safe_lora: load and evaluate PEFT adapters safely and deterministically.
 
-from safe_lora import auto
-from safe_lora._adapters import load_adapter, set_active_adapter, use_adapter
-from safe_lora._config import dropout_rates
-from safe_lora._dropout import DropoutSite, assert_deterministic, deterministic_lora, live_dropout
-from safe_lora._inspect import AdapterReport, Finding, inspect_adapter
-from safe_lora._loading import load_for_inference, load_for_training
+The errors and the version are imported at once; everything else the first time it is used
+(PEP 562), so that ``import safe_lora`` and the ``safe-lora`` command start without importing PEFT,
+transformers and torch until they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from safe_lora._version import __version__
 from safe_lora.errors import (
     AdapterAccessError,
     AdapterConfigError,
     AdapterExistsError,
+    AdapterIntegrityError,
     AdapterMergeError,
     AdapterNotFoundError,
     AdapterWeightsError,
@@ -27,10 +32,36 @@ from safe_lora.errors import (
     UnsafeAdapterError,
 )
 
+if TYPE_CHECKING:
+    from safe_lora import auto
+    from safe_lora._adapters import load_adapter, set_active_adapter, use_adapter
+    from safe_lora._config import dropout_rates
+    from safe_lora._dropout import DropoutSite, assert_deterministic, deterministic_lora, live_dropout
+    from safe_lora._inspect import AdapterReport, Finding, inspect_adapter
+    from safe_lora._loading import load_for_inference, load_for_training
+
+# Where each lazily imported public name lives.
+_LAZY = {
+    "AdapterReport": "safe_lora._inspect",
+    "DropoutSite": "safe_lora._dropout",
+    "Finding": "safe_lora._inspect",
+    "assert_deterministic": "safe_lora._dropout",
+    "deterministic_lora": "safe_lora._dropout",
+    "dropout_rates": "safe_lora._config",
+    "inspect_adapter": "safe_lora._inspect",
+    "live_dropout": "safe_lora._dropout",
+    "load_adapter": "safe_lora._adapters",
+    "load_for_inference": "safe_lora._loading",
+    "load_for_training": "safe_lora._loading",
+    "set_active_adapter": "safe_lora._adapters",
+    "use_adapter": "safe_lora._adapters",
+}
+
 __all__ = [
     "AdapterAccessError",
     "AdapterConfigError",
     "AdapterExistsError",
+    "AdapterIntegrityError",
     "AdapterMergeError",
     "AdapterNotFoundError",
     "AdapterReport",
@@ -61,3 +92,18 @@ __all__ = [
     "set_active_adapter",
     "use_adapter",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "auto":
+        return importlib.import_module("safe_lora.auto")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safe_lora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,27 +10,49 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 
-from safe_lora._config import dropout_rates, init_keeps_base, peft_type_name
-from safe_lora._loading import AdapterSource, _attach, _Plan, _plan, _split_kwargs
+from safe_lora._checks import emit, raise_first
+from safe_lora._config import dropout_rates
+from safe_lora._fit import expected_state, fit_findings
+from safe_lora._loading import (
+    AdapterPath,
+    Sha256,
+    _Plan,
+    _split_kwargs,
+    attach_plan,
+    check_dropout,
+    check_type,
+    plan_adapter,
+)
+from safe_lora._meta import MetaTwins
+from safe_lora._patterns import pattern_key, resolve_patterns
+from safe_lora._peft import (
+    WRAPPED_CHILDREN,
+    AuxiliaryTrainingWrapper,
+    BaseTuner,
+    BaseTunerLayer,
+    BufferDict,
+    init_keeps_base,
+    intercept_load_state_dict,
+    peft_type_name,
+    set_layer_active_adapters,
+)
+from safe_lora._provenance import record
 from safe_lora._rollback import rollback_on_error, tensor_at
-from safe_lora._validate import base_of, compare, expected_keys
+from safe_lora._unwrap import base_of, unwrap
 from safe_lora.errors import (
     AdapterConfigError,
     AdapterExistsError,
     AdapterWeightsError,
     UnknownAdapterError,
+    _fmt_keys,
 )
 
 __all__ = ["load_adapter", "set_active_adapter", "use_adapter"]
@@ -41,14 +63,10 @@ __all__ = ["load_adapter", "set_active_adapter", "use_adapter"]
 # --------------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # torch.compile's OptimizedModule keeps the model as ``_orig_mod``.
-    inner = model._modules.get("_orig_mod") if "_orig_mod" in model._modules else None
-    return inner if isinstance(inner, nn.Module) else model
-
-
 def _peft_model(model: nn.Module, what: str) -> PeftModel:
-    inner = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} takes a PeftModel, found {type(model).__name__}.")
+    inner = unwrap(model)
     if not isinstance(inner, PeftModel):
         raise TypeError(
             f"{what} takes a PeftModel, found {type(model).__name__} — load the first adapter with "
@@ -93,7 +111,7 @@ def _switch(model: PeftModel, names: list[str]) -> None:
                 layers.append(module)
     if plain:
         for layer in layers:
-            layer._active_adapter = list(names)
+            set_layer_active_adapters(layer, names)
         tuner.active_adapter = names[0] if len(names) == 1 else list(names)
         if len(names) == 1:
             model.active_adapter = names[0]
@@ -177,13 +195,15 @@ def _is_training_model(model: PeftModel) -> bool:
 
 def load_adapter(
     model: nn.Module,
-    adapter: AdapterSource,
+    adapter: AdapterPath,
     *,
     adapter_name: str,
     replace: bool = False,
     dropout: float | Literal["auto"] | None = "auto",
     strict: bool = True,
     allow_pickle: bool = False,
+    expected_sha256: Sha256 | None = None,
+    signed_by: Any = None,
     **peft_kwargs: Any,
 ) -> PeftModel:
     """Load one more adapter into a model from ``load_for_inference`` / ``load_for_training``, or
@@ -212,6 +232,8 @@ def load_adapter(
             training model; a float or ``None`` as for :func:`load_for_inference`.
         strict: Refuse missing or unexpected adapter keys (``replace=True`` is always strict).
         allow_pickle: Allow ``adapter_model.bin`` when there is no safetensors file.
+        expected_sha256: Pin the bytes, as for :func:`~safe_lora.load_for_inference`.
+        signed_by: Require a signature, as for :func:`~safe_lora.load_for_inference`.
         **peft_kwargs: ``PeftModel.load_adapter``'s keywords; a ``config`` object is copied.
 
     Returns:
@@ -231,6 +253,11 @@ def load_adapter(
         >>> load_adapter(model, "out/sql-step-2000", adapter_name="sql", replace=True)  # doctest: +SKIP
     """
     peft_model = _peft_model(model, "load_adapter")
+    check_type("adapter_name", adapter_name, str, "a str")
+    check_type("replace", replace, bool, "True or False")
+    check_type("strict", strict, bool, "True or False")
+    if dropout != "auto":
+        check_dropout(dropout)
     taken = adapter_name in peft_model.peft_config
     if replace and not taken:
         raise UnknownAdapterError(
@@ -250,24 +277,30 @@ def load_adapter(
     if dropout == "auto":
         dropout = None if training else 0.0
     options = _split_kwargs(peft_kwargs)
-    plan = _plan(
-        peft_model,
+    plan = plan_adapter(
         adapter,
         name=adapter_name,
         training=training,
         dropout=dropout,
+        strict=strict or replace,
         allow_pickle=allow_pickle,
         options=options,
+        expected_sha256=expected_sha256,
+        signed_by=signed_by,
+        instead="load_adapter on an inference model",
     )
     if replace:
         _replace(peft_model, plan, training=training)
+        record(peft_model, adapter_name, plan.adapter)
         return peft_model
 
     # After delete_adapter removed the last adapter, PEFT keeps a stale active name: the model is
     # then empty, and the adapter loaded into it becomes the active one, as a first load would.
     active = [a for a in peft_model.active_adapters if a in peft_model.peft_config] or [adapter_name]
     with rollback_on_error(peft_model) as snapshot:
-        _attach(peft_model, plan, training=training, strict=strict, options=options, snapshot=snapshot)
+        _, findings = attach_plan(
+            peft_model, plan, training=training, strict=strict, options=options, snapshot=snapshot
+        )
         if (
             list(peft_model.active_adapters) != active
             or peft_model.active_adapter not in peft_model.peft_config
@@ -282,6 +315,8 @@ def load_adapter(
         for param in snapshot.new_parameters():
             if param.requires_grad is not training:
                 param.requires_grad_(training)
+    record(peft_model, adapter_name, plan.adapter)
+    emit(findings)
     return peft_model
 
 
@@ -354,7 +389,6 @@ class _Rate:
 
 
 # The children of a tuner layer, tuner or wrapper that are not the adapter's: the wrapped layer.
-_WRAPPED = frozenset({"base_layer", "model", "original_module"})
 _CONTAINERS = (nn.ModuleDict, nn.ParameterDict, BufferDict)
 
 
@@ -380,7 +414,7 @@ def _holding(model: PeftModel, name: str) -> _Holding:
             owners.append(module)
     for owner in owners:
         for child_name, child in owner._modules.items():
-            if child_name in _WRAPPED or not isinstance(child, _CONTAINERS) or name not in child:
+            if child_name in WRAPPED_CHILDREN or not isinstance(child, _CONTAINERS) or name not in child:
                 continue
             entry = child[name]
             found = [entry] if isinstance(entry, torch.Tensor) else [*entry.parameters(), *entry.buffers()]
@@ -417,12 +451,17 @@ def _lora_scalings(holding: _Holding, name: str, config: PeftConfig) -> list[tup
     rank_pattern: dict[str, int] = dict(getattr(config, "rank_pattern", None) or {})
     alpha_pattern: dict[str, float] = dict(getattr(config, "alpha_pattern", None) or {})
     found: list[tuple[nn.Module, float, float]] = []
+    # The patterns decided once over the layers' names, with a time bound (PEFT's get_pattern_key
+    # would match them with none).
+    resolved = resolve_patterns(config, [key for key, _ in holding.layers])
+    rank_pattern = dict(getattr(resolved, "rank_pattern", None) or {})
+    alpha_pattern = dict(getattr(resolved, "alpha_pattern", None) or {})
     for key, layer in holding.layers:
         scaling = getattr(layer, "scaling", None)
         if not isinstance(layer, nn.Module) or not isinstance(scaling, dict) or name not in scaling:
             continue
-        rank = rank_pattern.get(get_pattern_key(list(rank_pattern), key), r_default)
-        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), key), alpha_default)
+        rank = rank_pattern.get(pattern_key(rank_pattern, key), r_default)
+        alpha = alpha_pattern.get(pattern_key(alpha_pattern, key), alpha_default)
         scale = alpha / math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha / rank
         found.append((layer, alpha, scale))
     return found
@@ -443,13 +482,11 @@ def _peft_mapping(model: PeftModel, tensors: dict[str, torch.Tensor], name: str)
     def capture(state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         raise _Remapped(dict(state_dict))
 
-    model.__dict__["load_state_dict"] = capture
     try:
-        set_peft_model_state_dict(model, tensors, adapter_name=name)
+        with intercept_load_state_dict(model, capture):
+            set_peft_model_state_dict(model, tensors, adapter_name=name)
     except _Remapped as done:
         return done.state_dict
-    finally:
-        model.__dict__.pop("load_state_dict", None)
     raise AssertionError("PEFT's set_peft_model_state_dict did not call load_state_dict")  # pragma: no cover
 
 
@@ -464,13 +501,16 @@ def _replace(model: PeftModel, plan: _Plan, *, training: bool) -> None:
     old = model.peft_config[name]
     new = copy.deepcopy(plan.config)
     new.inference_mode = old.inference_mode
-    where = os.fspath(plan.files.folder)
+    where = plan.adapter.source.label
+    assert plan.adapter.weights is not None
+    tensors = plan.adapter.weights.tensors
+    weights_path = plan.adapter.weights_path
 
     def refuse(reason: str) -> AdapterConfigError:
         return AdapterConfigError(
-            f"Cannot replace adapter {name!r} in place with the one in {where!r}: {reason} — load it "
+            f"Cannot replace adapter {name!r} in place with the one in {where}: {reason} — load it "
             f"under a new adapter_name instead.",
-            path=plan.files.folder,
+            path=plan.adapter.source.where("adapter_config.json"),
         )
 
     if peft_type_name(old) != peft_type_name(new):
@@ -492,8 +532,8 @@ def _replace(model: PeftModel, plan: _Plan, *, training: bool) -> None:
     # adapter with its shape, and every tensor of the adapter must get one.
     targets: list[tuple[torch.Tensor, torch.Tensor]] = []
     misfit: list[str] = []
-    file_key = {id(v): k for k, v in plan.tensors.items()}
-    for key, value in _peft_mapping(model, plan.tensors, name).items():
+    file_key = {id(v): k for k, v in tensors.items()}
+    for key, value in _peft_mapping(model, tensors, name).items():
         tensor, _, _ = tensor_at(model, key)
         if (
             tensor is None
@@ -507,14 +547,20 @@ def _replace(model: PeftModel, plan: _Plan, *, training: bool) -> None:
         targets.append((tensor, value))
     unfilled = set(holding.tensors) - {id(t) for t, _ in targets}
     if misfit or unfilled:
-        # The exact comparison names missing, unexpected and mis-shaped keys as the file does.
-        compare(plan.header, expected_keys(model, name), path=plan.weights, strict=True)
+        # The exact comparison names missing, unexpected and mis-shaped keys as the file does; the
+        # loaded adapter's state is read with meta twins standing in, so no real state_dict() runs.
+        twins = MetaTwins(model)
+        try:
+            expected = expected_state(model, name, file_keys=set(plan.adapter.header))
+        finally:
+            twins.restore(model)
+        raise_first(fit_findings(plan.adapter.header, expected, where=weights_path, strict=True))
         if misfit:
             raise AdapterWeightsError(
-                f"Cannot replace adapter {name!r} in place from {os.fspath(plan.weights)!r}: "
-                f"{', '.join(sorted(misfit))} do not fit the loaded adapter's tensors — expected the same "
+                f"Cannot replace adapter {name!r} in place from {weights_path!r}: "
+                f"{_fmt_keys(misfit)} do not fit the loaded adapter's tensors — expected the same "
                 f"keys, shapes and dtypes — load it under a new adapter_name instead.",
-                path=plan.weights,
+                path=weights_path,
                 unexpected_keys=misfit,
             )
 

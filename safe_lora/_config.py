@@ -1,12 +1,10 @@
-"""Find an adapter (a folder or a hub repo id), read its config, and make the private copy that
-loading works on.
+"""An adapter config: parsed the way PEFT parses it, refused where PEFT would misread it, and copied.
 
-Finding is :func:`open_adapter` (the config onto local disk) and :func:`locate_adapter` (the config
-read, then the weights file); talking to the hub is :mod:`safe_lora._hub`'s.
-
-PEFT mutates the config object it is given (``inference_mode``) and reads dropout rates straight
-from it, so every load here works on a deep copy: neither the file on disk nor a config object the
-caller passed ever changes.
+:func:`parse_config` builds the PEFT config object from the JSON already read (see
+:mod:`safe_lora._readers`), with the checks PEFT does not make: non-finite numbers, values of the
+wrong type, fields the installed PEFT does not know. :func:`prepared_copy` is the private copy a load
+works on: PEFT mutates the config object it is given (``inference_mode``) and reads dropout rates
+straight from it, so neither the file on disk nor a config object the caller passed ever changes.
 """
 
 from __future__ import annotations
@@ -15,11 +13,9 @@ import copy
 import dataclasses
 import enum
 import functools
-import json
 import math
 import os
 import re
-import stat
 import types
 import typing
 import warnings
@@ -27,449 +23,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import peft
 from peft import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-from safe_lora._hub import HubFolder, open_folder
-from safe_lora.errors import (
-    AdapterConfigError,
-    AdapterNotFoundError,
-    UnknownConfigFieldWarning,
-    UnsafeAdapterError,
-    _fmt_keys,
-    _user_stacklevel,
-)
+from safe_lora._peft import STRUCTURAL_RATES, config_class, installed_peft, known_peft_types
+from safe_lora._readers import parse_json_object, read_bounded
+from safe_lora.errors import AdapterConfigError, UnknownConfigFieldWarning, _fmt_keys, warn
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-
-# The keyword arguments of PeftModel.from_pretrained that only say *where* the adapter lives and how
-# to fetch it. They are consumed by locate_adapter(); PEFT then gets a plain local folder.
-HUB_KWARGS = (
-    "subfolder",
-    "revision",
-    "cache_dir",
-    "token",
-    "use_auth_token",
-    "force_download",
-    "local_files_only",
-)
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-
-WeightsFormat = Literal["safetensors", "pickle"]
+__all__ = [
+    "CONFIG_MAX_BYTES",
+    "ParsedConfig",
+    "dropout_rates",
+    "looks_like_model_config",
+    "means_absent",
+    "nonfinite_fields",
+    "nonfinite_message",
+    "parse_config",
+    "prepared_copy",
+    "read_config",
+    "read_config_json",
+    "structural_overrides",
+    "wrong_types",
+]
 
 # save_pretrained writes a few KiB of config; the cap only keeps a huge or endless file (a FIFO
 # swapped in, /proc, a multi-GB blob) from being read into memory whole.
 CONFIG_MAX_BYTES = 16 * 1024 * 1024
-# save_pretrained nests at most 3 levels (a sub-config's list). Deeper JSON is not a PEFT config, and
-# copying or saving it later would recurse once per level.
-CONFIG_MAX_DEPTH = 32
 # Read by PEFT's from_json_file and thrown away ("Runtime configurations are only valid at runtime").
 _PEFT_DROPS = frozenset({"runtime_config"})
 
 
-@dataclass(frozen=True)
-class AdapterFiles:
-    """Where an adapter's files are, once resolved to a local folder.
+def config_error(where: str | os.PathLike[str]) -> typing.Callable[[str, str], AdapterConfigError]:
+    """The reader's error for an unreadable config at ``where``: "what failed — expected — do"."""
+    text = os.fspath(where)
 
-    Attributes:
-        folder: The local folder holding ``adapter_config.json``.
-        weights: The weights file to load, or ``None`` when the folder has none.
-        weights_format: ``"safetensors"`` or ``"pickle"``; ``None`` with no weights.
-    """
-
-    folder: Path
-    weights: Path | None
-    weights_format: WeightsFormat | None
-
-
-@dataclass(frozen=True)
-class AdapterLocation:
-    """An adapter found: its config on local disk, its weights files known but not yet fetched.
-
-    Attributes:
-        folder: The local folder holding ``adapter_config.json`` (for a hub id, in the HF cache).
-        weight_sizes: The weights files the adapter has (``adapter_model.safetensors``,
-            ``adapter_model.bin``), with their sizes in bytes when known -- also the ones not downloaded.
-        hub: For a hub id, the repo folder the files come from; ``None`` for a local folder.
-    """
-
-    folder: Path
-    weight_sizes: dict[str, int | None]
-    hub: HubFolder | None = None
-
-    @property
-    def weights_format(self) -> WeightsFormat | None:
-        """The format the loaders would read: safetensors when present, else pickle; ``None``: neither."""
-        if SAFETENSORS_NAME in self.weight_sizes:
-            return "safetensors"
-        return "pickle" if PICKLE_NAME in self.weight_sizes else None
-
-    def fetch(self, name: str) -> Path:
-        """The local path of ``name`` (one of :attr:`weight_sizes`), downloaded from the hub if need be."""
-        return self.folder / name if self.hub is None else self.hub.fetch(name)
-
-
-def is_hub_id(adapter: str | os.PathLike[str]) -> bool:
-    """Whether ``adapter`` is not a local folder but reads as a hub repo id (``"org/name"``)."""
-    text = os.fspath(adapter)
-    return not Path(text).is_dir() and bool(_REPO_ID.match(text)) and not text.startswith(".")
-
-
-def open_adapter(
-    adapter: str | os.PathLike[str],
-    *,
-    subfolder: str | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    force_download: bool = False,
-    local_files_only: bool = False,
-) -> AdapterLocation:
-    """Find an adapter and get its ``adapter_config.json`` onto local disk; no weights are fetched yet.
-
-    A folder is used as it is. Anything else that reads as a hub repo id (``"org/name"``) is looked up
-    on the Hugging Face Hub as ``PeftModel.from_pretrained`` would, and only ``adapter_config.json``
-    is downloaded here; with ``HF_HUB_OFFLINE=1``, ``local_files_only=True`` or an unreachable hub
-    (then with a :class:`~safe_lora.errors.HubUnreachableWarning`) the local cache answers instead.
-
-    Args:
-        adapter: A folder written by ``save_pretrained``, or a hub repo id.
-        subfolder: The adapter's folder inside ``adapter``.
-        revision: With a hub id: a branch, tag or commit (default: the default branch).
-        token: With a hub id: the token to use (default: the saved login or ``HF_TOKEN``).
-        cache_dir: With a hub id: the Hugging Face cache to use.
-        force_download: With a hub id: download again even when cached.
-        local_files_only: With a hub id: use the local cache only.
-
-    Returns:
-        Where the adapter is; :meth:`AdapterLocation.fetch` gets its weights.
-
-    Raises:
-        AdapterNotFoundError: No such folder, repo, revision or config file (or offline and not cached).
-        AdapterAccessError: The hub refused the repo (gated or private; pass ``token=``).
-
-    Example:
-        >>> location = open_adapter("org/my-adapter", revision="v1")  # doctest: +SKIP
-        >>> sorted(location.weight_sizes)  # doctest: +SKIP
-        ['adapter_model.safetensors']
-    """
-    text = os.fspath(adapter)
-    if not is_hub_id(text):
-        local = Path(text)
-        if not local.is_dir():
-            raise AdapterNotFoundError(
-                f"Adapter folder not found: {text!r} does not exist — expected a folder written by "
-                f"PeftModel.save_pretrained — check the path.",
-                path=text,
-            )
-        folder = local / subfolder if subfolder else local
-        _require_config(folder)
-        # Present means "something is there": a FIFO or a directory under the weights' name is
-        # refused by the reader by name, not taken for a missing file (size unknown then).
-        sizes: dict[str, int | None] = {
-            name: (folder / name).stat().st_size if kind is None else None
-            for name in (SAFETENSORS_NAME, PICKLE_NAME)
-            if (kind := special_file(folder / name)) != "missing"
-        }
-        return AdapterLocation(folder, sizes)
-
-    hub = open_folder(
-        text,
-        subfolder=subfolder,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        force_download=force_download,
-        local_files_only=local_files_only,
-    )
-    if CONFIG_NAME not in hub.files:
-        nested = sorted(
-            folder or "."
-            for folder, _, name in (path.rpartition("/") for path in hub.repo_files)
-            if name == CONFIG_NAME
-        )
-        hint = (
-            f"pass subfolder= one of {nested}"
-            if nested
-            else "check the repo id and subfolder=; a base model's repo is not an adapter"
-        )
-        raise AdapterNotFoundError(
-            f"Adapter config not found: {hub.label} has no {CONFIG_NAME} {hub.where} — expected the files "
-            f"PeftModel.save_pretrained writes, found {sorted(hub.files)} — {hint}.",
+    def error(found: str, hint: str) -> AdapterConfigError:
+        return AdapterConfigError(
+            f"Adapter config unreadable: {text!r} {found} — expected the JSON file save_pretrained "
+            f"writes — {hint}.",
             path=text,
         )
-    config_path = hub.fetch(CONFIG_NAME)
-    weights = {name: hub.files[name] for name in (SAFETENSORS_NAME, PICKLE_NAME) if name in hub.files}
-    return AdapterLocation(config_path.parent, weights, hub)
 
-
-def locate_adapter(
-    adapter: str | os.PathLike[str],
-    *,
-    allow_pickle: bool,
-    config: PeftConfig | None = None,
-    subfolder: str | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    use_auth_token: str | bool | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    force_download: bool = False,
-    local_files_only: bool = False,
-) -> tuple[AdapterFiles, PeftConfig]:
-    """Find an adapter, read its config, then get its weights file: what loading needs, nothing more.
-
-    For a hub id the config is downloaded and read first, so a broken config never costs the weights
-    download; then ``adapter_model.safetensors`` -- or ``adapter_model.bin``, only with
-    ``allow_pickle=True`` and no safetensors file. No other file of the repo is ever requested.
-
-    Args:
-        adapter: A folder written by ``save_pretrained``, or a hub repo id.
-        allow_pickle: Accept ``adapter_model.bin`` when there is no safetensors file.
-        config: Use this config instead of the file's (as ``PeftModel.from_pretrained(config=...)``);
-            the file must exist all the same.
-        use_auth_token: The old name of ``token`` (PEFT still accepts it).
-        subfolder, revision, token, cache_dir, force_download, local_files_only: As for
-            :func:`open_adapter`.
-
-    Returns:
-        ``(files, config)``: the weights file on local disk and the config read from the folder.
-
-    Raises:
-        AdapterNotFoundError: No such folder, repo, revision, config or weights file.
-        AdapterAccessError: The hub refused the repo.
-        AdapterConfigError: The config is unreadable or of an unknown PEFT type.
-        UnsafeAdapterError: Only ``adapter_model.bin`` exists and ``allow_pickle`` is false (for a hub
-            id it is then not downloaded at all).
-
-    Example:
-        >>> files, config = locate_adapter("org/my-adapter", allow_pickle=False)  # doctest: +SKIP
-        >>> files.weights.name, config.peft_type  # doctest: +SKIP
-        ('adapter_model.safetensors', <PeftType.LORA: 'LORA'>)
-    """
-    location = open_adapter(
-        adapter,
-        subfolder=subfolder,
-        revision=revision,
-        token=token if token is not None else use_auth_token,
-        cache_dir=cache_dir,
-        force_download=force_download,
-        local_files_only=local_files_only,
-    )
-    folder = location.folder
-    if location.hub is None:  # a local folder: its layout is refused before its config is read
-        files = _local_files(location, allow_pickle=allow_pickle)
-        return files, config if config is not None else read_config(folder)
-
-    hub = location.hub
-    saved = config if config is not None else read_config(folder)
-    if location.weights_format == "safetensors":
-        return AdapterFiles(folder, location.fetch(SAFETENSORS_NAME), "safetensors"), saved
-    if location.weights_format == "pickle":
-        if not allow_pickle:
-            raise UnsafeAdapterError(
-                f"Refusing to download and unpickle {PICKLE_NAME} of {hub.label}: the adapter has no "
-                f"{SAFETENSORS_NAME}, and loading a pickle can run arbitrary code — expected safetensors "
-                f"weights — ask its author for a safetensors copy, or pass allow_pickle=True if you trust "
-                f"its source.",
-                path="/".join(part for part in (hub.repo_id, hub.subfolder, PICKLE_NAME) if part),
-            )
-        return AdapterFiles(folder, location.fetch(PICKLE_NAME), "pickle"), saved
-    raise AdapterNotFoundError(
-        f"Adapter weights not found: {hub.label} has no {SAFETENSORS_NAME} {hub.where} — expected the "
-        f"weights next to {CONFIG_NAME}, found {sorted(hub.files)} — upload the folder save_pretrained "
-        f"wrote, weights included.",
-        path=hub.repo_id,
-    )
-
-
-def trainer_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
-    """The ``checkpoint-<step>`` adapter folders a ``transformers.Trainer`` wrote into ``folder``, by step.
-
-    Only folders holding ``adapter_config.json`` count, ordered by step rather than by name
-    (``checkpoint-1000`` after ``checkpoint-500``).
-
-    Example:
-        >>> [p.name for p in trainer_checkpoints("out/run")]  # doctest: +SKIP
-        ['checkpoint-500', 'checkpoint-1000']
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    found = [
-        (int(match[1]), path)
-        for path in root.iterdir()
-        if (match := _CHECKPOINT.fullmatch(path.name)) and (path / CONFIG_NAME).is_file()
-    ]
-    return [path for _, path in sorted(found)]
-
-
-def _require_config(folder: Path) -> None:
-    # special_file, not is_file: a FIFO or a directory named adapter_config.json exists, and the
-    # reader refuses it by name instead of "not found".
-    if special_file(folder) != "a directory":
-        raise AdapterNotFoundError(
-            f"Adapter folder not found: {os.fspath(folder)!r} — expected a folder written by "
-            f"PeftModel.save_pretrained — check the path (and `subfolder=`).",
-            path=folder,
-        )
-    if special_file(folder / CONFIG_NAME) == "missing":
-        present = sorted(p.name for p in folder.iterdir())
-        checkpoints = [p.name for p in trainer_checkpoints(folder)]
-        hint = (
-            f"this is a Trainer output folder: pass one of its checkpoints {checkpoints} "
-            f"(the latest is {checkpoints[-1]!r})"
-            if checkpoints
-            else f"point at the folder that holds {CONFIG_NAME}"
-        )
-        raise AdapterNotFoundError(
-            f"Adapter config not found: no {CONFIG_NAME} in {os.fspath(folder)!r} — expected the files "
-            f"PeftModel.save_pretrained writes, found {present} — {hint}.",
-            path=folder / CONFIG_NAME,
-        )
-
-
-def special_file(path: Path) -> str | None:
-    """What ``path`` is when it is not a regular file, or ``None`` when it is one.
-
-    Symlinks are followed: the Hugging Face cache links every file to a blob, so a link to a regular
-    file is a regular file. Nothing is opened, so a FIFO cannot block here.
-
-    Returns:
-        ``None`` for a regular file; ``"missing"`` when nothing (or a dangling link) is there;
-        otherwise a description such as ``"a directory"``, ``"a FIFO (named pipe)"`` or
-        ``"a character device"``.
-
-    Example:
-        >>> special_file(Path("/dev/null"))
-        'a character device'
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "missing"
-    except OSError as exc:  # a symlink loop, no permission, a name too long, ...
-        return f"unreadable ({exc.strerror or type(exc).__name__})"
-    if stat.S_ISREG(mode):
-        return None
-    kinds = (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    )
-    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
-
-
-def _local_files(location: AdapterLocation, *, allow_pickle: bool) -> AdapterFiles:
-    """The weights file of a local adapter folder, safetensors first.
-
-    :func:`open_adapter` already found which names are there; a name that is there but is not a
-    regular file (a directory, a FIFO, a link to ``/dev/zero``) is picked all the same and refused
-    by the reader with a typed error: it is never skipped in favour of the next file.
-
-    Raises:
-        UnsafeAdapterError: Only ``adapter_model.bin`` is there and ``allow_pickle`` is false.
-    """
-    folder, weights_format = location.folder, location.weights_format
-    if weights_format == "pickle" and not allow_pickle:
-        raise UnsafeAdapterError(
-            f"Refusing to unpickle {os.fspath(folder / PICKLE_NAME)!r}: the adapter has no "
-            f"{SAFETENSORS_NAME}, and loading a pickle can run arbitrary code — expected "
-            f"safetensors weights — re-save the adapter with save_pretrained(safe_serialization=True), "
-            f"or pass allow_pickle=True if you trust its source.",
-            path=folder / PICKLE_NAME,
-        )
-    names = {"safetensors": SAFETENSORS_NAME, "pickle": PICKLE_NAME}
-    weights = folder / names[weights_format] if weights_format is not None else None
-    return AdapterFiles(folder, weights, weights_format)
+    return error
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, read with bounds: regular file, size, nesting depth.
-
-    The file is opened without blocking and checked with ``fstat`` on the open descriptor, so a
-    FIFO or a device put where the config should be is refused rather than read (a FIFO would block
-    forever, ``/dev/zero`` would never end), and no more than :data:`CONFIG_MAX_BYTES` are read.
+    """The JSON object in ``path``, read with bounds (regular file, :data:`CONFIG_MAX_BYTES`, nesting).
 
     Raises:
         AdapterConfigError: Not a regular file, unreadable, too large, not UTF-8 JSON, not an
-            object, or nested deeper than :data:`CONFIG_MAX_DEPTH`.
+            object, or nested too deeply.
     """
-    where = os.fspath(path)
-
-    def refuse(found: str, hint: str = "re-save the adapter with save_pretrained") -> AdapterConfigError:
-        return AdapterConfigError(
-            f"Adapter config unreadable: {where!r} {found} — expected the JSON file save_pretrained "
-            f"writes — {hint}.",
-            path=path,
-        )
-
-    kind = special_file(path)
-    if kind is not None:
-        raise refuse(f"is {kind}", "replace it with the adapter's adapter_config.json")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    flags |= getattr(os, "O_BINARY", 0)  # Windows: no newline translation
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise refuse(f"cannot be opened ({exc.strerror or exc})") from exc
-    try:
-        # The descriptor's own type: the path may have been swapped since special_file() looked.
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise refuse("is not a regular file", "replace it with the adapter's adapter_config.json")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= CONFIG_MAX_BYTES:
-            chunk = os.read(fd, min(1 << 20, CONFIG_MAX_BYTES + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise refuse(f"cannot be read ({exc.strerror or exc})") from exc
-    finally:
-        os.close(fd)
-    if size > CONFIG_MAX_BYTES:
-        raise refuse(f"is larger than {CONFIG_MAX_BYTES // (1024 * 1024)} MiB", "re-save the adapter")
-    try:
-        raw = json.loads(b"".join(chunks).decode("utf-8"))
-    except RecursionError as exc:  # json recurses once per nesting level
-        raise refuse(f"is nested deeper than Python can parse ({exc})") from exc
-    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSON syntax, integers of >4300 digits
-        raise refuse(f"is not valid UTF-8 JSON ({exc})", "re-save the adapter or repair the file") from exc
-    if not isinstance(raw, dict):
-        raise AdapterConfigError(
-            f"Adapter config malformed: {where!r} holds a JSON {type(raw).__name__} — expected "
-            f"a JSON object — re-save the adapter with save_pretrained.",
-            path=path,
-        )
-    depth = _depth(raw)
-    if depth > CONFIG_MAX_DEPTH:
-        raise refuse(
-            f"is nested {depth} levels deep (save_pretrained writes at most a few; the limit is "
-            f"{CONFIG_MAX_DEPTH})"
-        )
-    return raw
-
-
-def _depth(value: Any) -> int:
-    """How deeply JSON containers nest in ``value``, walked without recursion."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in children)
-    return deepest
+    error = config_error(path)
+    return parse_json_object(read_bounded(path, max_bytes=CONFIG_MAX_BYTES, error=error), error=error)
 
 
 def nonfinite_fields(raw: dict[str, Any]) -> list[str]:
@@ -538,9 +143,9 @@ class ParsedConfig:
         shown = ", ".join(f"{k}={self.unknown[k]!r}" for k in self.refused[:10])
         more = f", ... ({len(self.refused) - 10} more)" if len(self.refused) > 10 else ""
         return (
-            f"Adapter config has fields the installed peft {peft.__version__} does not know in "
+            f"Adapter config has fields the installed peft {installed_peft()} does not know in "
             f"{os.fspath(path)!r}: {shown}{more}{saved} — expected only fields peft "
-            f"{peft.__version__} can honour; PEFT would drop them silently and load a different "
+            f"{installed_peft()} can honour; PEFT would drop them silently and load a different "
             f"adapter — upgrade peft (`pip install -U peft`) to the release that saved the adapter, "
             f"or remove the fields from adapter_config.json if you know they are obsolete."
         )
@@ -548,7 +153,7 @@ class ParsedConfig:
     def ignored_message(self, path: Path) -> str:
         """The warning for :attr:`ignored`, naming the fields."""
         return (
-            f"Adapter config fields unknown to peft {peft.__version__} were ignored in "
+            f"Adapter config fields unknown to peft {installed_peft()} were ignored in "
             f"{os.fspath(path)!r}: {', '.join(self.ignored)} — their values mean 'not used', so the "
             f"adapter loads the same without them — upgrade peft to silence this."
         )
@@ -652,15 +257,23 @@ def parse_config(raw: dict[str, Any], *, path: Path) -> ParsedConfig:
     """
     where = os.fspath(path)
     peft_type = raw.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        known = ", ".join(sorted(str(k) for k in PEFT_TYPE_TO_CONFIG_MAPPING))
+    cls: Any = config_class(peft_type) if isinstance(peft_type, str) else None
+    if cls is None:
+        if looks_like_model_config(raw):
+            raise AdapterConfigError(
+                f"Not an adapter config: {where!r} is a model's config.json (model_type="
+                f"{raw.get('model_type')!r}, no peft_type) — expected the adapter_config.json that "
+                f"PeftModel.save_pretrained writes — point at the adapter's folder, or load this model "
+                f"with transformers' from_pretrained instead.",
+                path=path,
+                fields=["peft_type"],
+            )
+        known = ", ".join(known_peft_types())
         raise AdapterConfigError(
             f"Unknown PEFT type in {where!r}: expected one of {known}, found {peft_type!r} — "
             f"upgrade peft if the adapter comes from a newer release, or fix 'peft_type'.",
             path=path,
         )
-    # Any: PEFT's classmethods below are untyped.
-    cls: Any = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]  # type: ignore[index]  # keys are a str enum
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = {k: v for k, v in raw.items() if k not in fields and k not in _PEFT_DROPS}
     # Only what __init__ takes, as PEFT's own forward-compatibility filter does; never runtime_config.
@@ -711,7 +324,7 @@ def read_config(folder: Path) -> PeftConfig:
             unknown PEFT type, holds NaN/inf numbers, holds unknown fields with other values, or
             PEFT refuses a value. ``fields`` names the fields concerned.
     """
-    path = folder / CONFIG_NAME
+    path = folder / "adapter_config.json"
     raw = read_config_json(path)
     bad = nonfinite_fields(raw)
     if bad:
@@ -720,7 +333,7 @@ def read_config(folder: Path) -> PeftConfig:
     if parsed.refused:
         raise AdapterConfigError(parsed.unknown_message(path), path=path, fields=parsed.refused)
     if parsed.ignored:
-        warnings.warn(parsed.ignored_message(path), UnknownConfigFieldWarning, stacklevel=_user_stacklevel())
+        warn(parsed.ignored_message(path), UnknownConfigFieldWarning)
     return parsed.config
 
 
@@ -733,29 +346,14 @@ def nonfinite_message(path: Path, fields: list[str]) -> str:
     )
 
 
-def peft_type_name(config: PeftConfig) -> str:
-    """The config's PEFT type as a plain name, e.g. ``"LORA"`` (``"unknown"`` when it has none)."""
-    raw = getattr(config, "peft_type", "unknown")
-    return str(getattr(raw, "value", raw))
+# The fields of a transformers model's config.json (PretrainedConfig.to_dict) that no PEFT config has.
+_MODEL_CONFIG_FIELDS = ("model_type", "architectures")
 
 
-# LoRA initialisations that only touch the adapter's own tensors. Every other string (PiSSA, CorDA,
-# OLoRA, LoftQ, LoRA-GA, and any a newer PEFT adds) is assumed to rewrite the base weight.
-_ADAPTER_ONLY_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
-
-
-def init_keeps_base(init: object) -> bool:
-    """Whether a LoRA ``init_lora_weights`` value leaves the base weights alone (``True``,
-    ``False``, ``"gaussian"``, ...); PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite them."""
-    return isinstance(init, bool) or (isinstance(init, str) and init.lower() in _ADAPTER_ONLY_INITS)
-
-
-def rewrites_base(config: PeftConfig) -> bool:
-    """Whether injecting ``config`` recomputes the targets' base weights (PiSSA, OLoRA, KaSA, ...)."""
-    init = getattr(config, "init_lora_weights", None)
-    if isinstance(init, str) and not init_keeps_base(init):
-        return True
-    return getattr(config, "kasa_config", None) is not None
+def looks_like_model_config(raw: dict[str, Any]) -> bool:
+    """Whether a JSON object is a model's ``config.json`` rather than an adapter config: it names a
+    ``model_type`` or ``architectures`` and no ``peft_type``."""
+    return "peft_type" not in raw and any(raw.get(name) for name in _MODEL_CONFIG_FIELDS)
 
 
 def _is_rate_field(field: dataclasses.Field[Any]) -> bool:
@@ -788,15 +386,14 @@ def dropout_rates(config: PeftConfig) -> dict[str, float]:
     return rates
 
 
-# Rates that decide whether Dropout modules exist at all inside an ``nn.Sequential`` (X-LoRA's
-# classifier): turning one to or from 0 adds or removes modules and shifts every later index, so the
-# saved keys would no longer fit. The copy keeps the saved rate for these; the loader sets the
-# rate on the built modules instead. Maps the field to the tuner attribute holding those modules.
-STRUCTURAL_RATES = {"xlora_dropout_p": "internal_xlora_classifier"}
-
-
 def structural_overrides(config: PeftConfig, dropout: float | None) -> dict[str, float]:
-    """The structural rates (:data:`STRUCTURAL_RATES`) the copy keeps but the caller wants otherwise."""
+    """The structural rates the copy keeps but the caller wants otherwise.
+
+    Rates that decide whether Dropout modules exist at all inside an ``nn.Sequential`` (X-LoRA's
+    classifier, :data:`safe_lora._peft.STRUCTURAL_RATES`): turning one to or from 0 adds or removes
+    modules and shifts every later index, so the saved keys would no longer fit. The copy keeps the
+    saved rate for these; the loader sets the rate on the built modules instead.
+    """
     if dropout is None:
         return {}
     return {

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, ParamSpec, TypeGuard, TypeVar
 
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
+from safe_lora._peft import BaseTuner, BaseTunerLayer
+from safe_lora._unwrap import unwrap as _unwrap
 from safe_lora.errors import NoAdapterWarning, NondeterministicModelError, StochasticAdapterWarning
 
 __all__ = ["DropoutSite", "assert_deterministic", "deterministic_lora", "live_dropout"]
@@ -55,9 +55,6 @@ Kind = Literal["adapter", "base"]
 # Path components that wrappers insert into qualified names. They are reserved names, so removing
 # them anywhere never clashes with a user's own submodule names.
 _WRAPPER_TOKENS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-# Wrappers that keep the real model under ``.module`` (DeepSpeed's engine is matched by name so
-# that deepspeed need not be installed).
-_MODULE_WRAPPER_NAMES = frozenset({"FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine"})
 
 # Sampling-based adapters have no rate; report them with p=1.0 (noise on every forward pass).
 _SAMPLING_P = 1.0
@@ -213,24 +210,6 @@ def _rate_attributes(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str
             _RATE_ATTRIBUTES.clear()
         _RATE_ATTRIBUTES[names] = found
     return found
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / FSDP / ``torch.compile`` / DeepSpeed wrappers."""
-    seen: set[int] = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        inner: object = None
-        if isinstance(model, (DistributedDataParallel, DataParallel)) or (
-            type(model).__name__ in _MODULE_WRAPPER_NAMES
-        ):
-            inner = getattr(model, "module", None)
-        elif "_orig_mod" in model._modules:  # torch.compile's OptimizedModule
-            inner = model._modules["_orig_mod"]
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
 
 
 def _clean_name(name: str) -> str:

@@ -1,91 +1,43 @@
-"""The load functions: resolve -> config copy -> read and check the file -> inject -> load -> prove
-the fit -> set mode.
+"""The load functions: find -> read and check on disk -> inject on meta and check -> load -> set mode.
 
-What can be checked on disk (folder, config, pickle, safetensors header, NaN/inf) is checked for
-every adapter before the caller's model is touched. The rest (targets that match nothing, keys
-and shapes against the injected adapter, mergeability) runs under a :class:`Snapshot` of the model,
-so that any failure -- ours, PEFT's, or a KeyboardInterrupt -- leaves the caller's model exactly as
-it was.
+What can be checked on disk (the files, pinned digests and signatures, the config, the weights and
+their values) is checked for every adapter before the caller's model is touched
+(:func:`safe_lora._checks.read_adapter`). What needs the model -- the keys, shapes and dtypes PEFT
+would create, learnt by injecting on the meta device -- is checked before anything is allocated
+(:mod:`safe_lora._attach`), under a :class:`~safe_lora._rollback.Snapshot` that puts the model back
+exactly as it was on any failure: ours, PEFT's, or a ``KeyboardInterrupt``.
 
-Fidelity comes first: the injection and the load run PEFT's own code with PEFT's own defaults
-(``low_cpu_mem_usage=False``: adapter tensors are created, initialised -- base-rewriting inits such
-as PiSSA or KaSA included -- and the file's values copied in), so the model is bit-identical to
-``PeftModel.from_pretrained``'s. The only differences are the documented ones: the dropout rates of
-the config copy, every module's mode, ``requires_grad``.
+Fidelity comes first: the injection and the load run PEFT's own code, so the model is bit-identical
+to ``PeftModel.from_pretrained``'s. The only differences are the documented ones: the dropout rates
+of the config copy, every module's mode, ``requires_grad``.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, overload
 
-import torch
-from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-from peft.tuners.tuners_utils import (
-    BaseTunerLayer,
-    _maybe_include_all_linear_layers,
-    check_target_module_exists,
-)
+from peft import PeftConfig, PeftModel
 from torch import nn
 
-from safe_lora._config import (
-    HUB_KWARGS,
-    STRUCTURAL_RATES,
-    AdapterFiles,
-    locate_adapter,
-    peft_type_name,
-    prepared_copy,
-    rewrites_base,
-    structural_overrides,
-)
+from safe_lora._attach import AttachOptions, attach, prepare_for_model
+from safe_lora._checks import AdapterOnDisk, DiskOptions, Finding, emit, raise_first, read_adapter
+from safe_lora._config import prepared_copy, structural_overrides
 from safe_lora._merge import merge as merge_adapter
-from safe_lora._rollback import Snapshot, holds_quantized, rollback_on_error
-from safe_lora._validate import (
-    Expected,
-    HeaderEntry,
-    base_model_evidence,
-    base_of,
-    check_dtypes,
-    check_finite,
-    compare,
-    expected_keys,
-    iter_tensors,
-    read_header,
-    read_pickle,
-    warn_if_noop,
-)
-from safe_lora.errors import (
-    AdapterConfigError,
-    AdapterNotFoundError,
-    AdapterWeightsError,
-    BaseModelMismatchWarning,
-    UnknownAdapterError,
-    _fmt_keys,
-)
+from safe_lora._peft import BaseTunerLayer, peft_type_name
+from safe_lora._rollback import Snapshot, rollback_on_error
+from safe_lora._source import CONFIG_NAME, HUB_KWARGS, open_source
+from safe_lora._fit import evidence_findings
+from safe_lora._unwrap import base_of, compiled, unwrap
+from safe_lora.errors import AdapterExistsError, UnknownAdapterError
 
-AdapterSource = str | os.PathLike[str]
-Adapters = AdapterSource | Mapping[str, AdapterSource]
+__all__ = ["load_for_inference", "load_for_training"]
 
-
-@dataclass
-class _Plan:
-    """One adapter, resolved and read from disk; nothing about the model yet."""
-
-    name: str
-    files: AdapterFiles
-    weights: Path
-    config: PeftConfig
-    header: dict[str, HeaderEntry]
-    # Read once for the NaN/inf check and handed to PEFT, so the file is not read twice.
-    tensors: dict[str, torch.Tensor]
-    # Rates set on the built modules after the load rather than in the config (STRUCTURAL_RATES).
-    rates_after_load: dict[str, float] = field(default_factory=dict)
+AdapterPath = str | os.PathLike[str]
+Adapters = AdapterPath | Mapping[str, AdapterPath]
+Sha256 = str | Mapping[str, str]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,23 +46,9 @@ class _Plan:
 
 # Every keyword ``PeftModel.from_pretrained`` / ``load_adapter`` take (and the ``**kwargs`` they
 # document), and where each goes. Anything else is refused by name: nothing is dropped silently.
-# Handled by the direct load path (the file is read once):
-_DIRECT_KWARGS = frozenset({"low_cpu_mem_usage", "autocast_adapter_dtype"})
-# Set on the config copy, as PEFT does:
-_CONFIG_KWARGS = frozenset({"ephemeral_gpu_offload"})
-# Handed to PEFT's own ``load_adapter`` (device placement, offloading, renamed keys), which then
-# reads the file itself:
-_PEFT_LOAD_KWARGS = frozenset(
-    {
-        "key_mapping",
-        "torch_device",
-        "device_map",
-        "max_memory",
-        "offload_folder",
-        "offload_dir",
-        "offload_index",
-    }
-)
+_ATTACH_KWARGS = frozenset({"low_cpu_mem_usage", "autocast_adapter_dtype", "key_mapping", "torch_device"})
+# Handed to PEFT's own ``load_adapter`` for device maps and offloading.
+_DISPATCH_KWARGS = frozenset({"device_map", "max_memory", "offload_folder", "offload_dir", "offload_index"})
 # Accepted because safe_lora already does what they ask: safetensors is the only format it reads
 # unless ``allow_pickle=True``.
 _NOOP_KWARGS = frozenset({"use_safetensors"})
@@ -134,20 +72,8 @@ class _Options:
 
     config: PeftConfig | None = None
     hub: dict[str, Any] = field(default_factory=dict)
-    direct: dict[str, Any] = field(default_factory=dict)
-    peft_load: dict[str, Any] = field(default_factory=dict)
+    attach: AttachOptions = field(default_factory=AttachOptions)
     ephemeral_gpu_offload: bool | None = None
-
-    @property
-    def low_cpu_mem_usage(self) -> bool:
-        # PEFT's default: adapter tensors are created and initialised, then the file's values are
-        # copied in. The assign path (True) rounds the file's fp32 values to a half-precision
-        # base's dtype and defers some inits to the first forward, so it is taken only on request.
-        return bool(self.direct.get("low_cpu_mem_usage", False))
-
-    @property
-    def autocast_adapter_dtype(self) -> bool:
-        return bool(self.direct.get("autocast_adapter_dtype", True))
 
 
 def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
@@ -161,16 +87,21 @@ def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
         if key in _DECIDED_KWARGS:
             raise TypeError(f"{key}= is decided by safe_lora — {_DECIDED_KWARGS[key]}.")
         if key == "config":
+            if value is not None and not isinstance(value, PeftConfig):
+                raise TypeError(f"config= must be a peft.PeftConfig, found {type(value).__name__}.")
             options.config = value
         elif key in HUB_KWARGS:
             options.hub[key] = value
-        elif key in _DIRECT_KWARGS:
-            options.direct[key] = value
-        elif key in _CONFIG_KWARGS:
-            options.ephemeral_gpu_offload = bool(value)
-        elif key in _PEFT_LOAD_KWARGS:
+        elif key in _ATTACH_KWARGS:
+            if key == "torch_device" and value is not None:
+                _check_device(value)
             if value is not None:
-                options.peft_load[key] = value
+                setattr(options.attach, key, dict(value) if key == "key_mapping" else value)
+        elif key in _DISPATCH_KWARGS:
+            if value is not None:
+                options.attach.dispatch[key] = value
+        elif key == "ephemeral_gpu_offload":
+            options.ephemeral_gpu_offload = bool(value)
         elif key in _NOOP_KWARGS:
             continue
         elif key in _REFUSED_VALUES:
@@ -181,10 +112,10 @@ def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
             known = sorted(
                 {
                     "config",
+                    "ephemeral_gpu_offload",
                     *HUB_KWARGS,
-                    *_DIRECT_KWARGS,
-                    *_CONFIG_KWARGS,
-                    *_PEFT_LOAD_KWARGS,
+                    *_ATTACH_KWARGS,
+                    *_DISPATCH_KWARGS,
                     *_NOOP_KWARGS,
                     *_REFUSED_VALUES,
                 }
@@ -197,80 +128,130 @@ def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
 
 
 # --------------------------------------------------------------------------------------------------
-# On disk
+# Arguments
 # --------------------------------------------------------------------------------------------------
 
 
-def _name_or_path(model: nn.Module) -> str:
-    base = base_of(model)
-    name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", "")
-    return str(name or "")
+def _check_device(value: Any) -> None:
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"torch_device={value!r} is not a device torch knows ({exc}) — expected e.g. 'cpu', 'cuda:0' or "
+            f"'mps' — pass one of those, or drop torch_device=."
+        ) from exc
 
 
-def read_checked_weights(
-    files: AdapterFiles, config: PeftConfig, *, training: bool, instead: str
-) -> tuple[Path, dict[str, HeaderEntry], dict[str, torch.Tensor]]:
-    """Read the weights file and check it as every load does before a model is touched.
+def check_type(name: str, value: Any, expected: type | tuple[type, ...], spelled: str) -> None:
+    """Raise ``TypeError`` naming the argument and the type it must have (``bool`` is no ``float``)."""
+    if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
+        ok = False
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise TypeError(f"{name}= must be {spelled}, found {type(value).__name__} {value!r:.80}.")
 
-    Args:
-        files: Where the adapter is (:func:`~safe_lora._config.locate_adapter`).
-        config: The adapter's config.
-        training: Whether the load is for training (prompt-learning adapters cannot be).
-        instead: The call to suggest for a prompt-learning adapter, e.g. ``"load_for_inference"``.
 
-    Returns:
-        ``(weights, header, tensors)``: the weights file, every key's dtype and shape, and the
-        tensors themselves.
+def check_dropout(dropout: Any) -> None:
+    """``dropout`` must be ``None`` or a number in [0, 1)."""
+    if dropout is None:
+        return
+    check_type("dropout", dropout, (float, int), "a float in [0, 1) or None")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1) or None, found {dropout!r} — pass e.g. dropout=0.0.")
+
+
+def _check_model(model: Any, what: str) -> nn.Module:
+    """The module to load into: a model (not a PeftModel), through ``torch.compile``'s wrapper.
 
     Raises:
-        AdapterConfigError: A prompt-learning adapter loaded for training.
-        AdapterNotFoundError: No weights file.
-        AdapterWeightsError: Unreadable, NaN/inf values, or dtypes the adapter cannot hold.
-        UnsafeAdapterError: A pickle that ``weights_only`` refuses.
+        TypeError: Not an ``nn.Module``, a ``PeftModel``, or wrapped for parallel training.
+        AdapterExistsError: The model already carries adapter layers from an earlier load.
     """
-    if training and config.is_prompt_learning:
-        raise AdapterConfigError(
-            f"Cannot load a {peft_type_name(config)} adapter for training: PEFT can only load "
-            f"prompt-learning adapters frozen — use {instead}, or train a fresh adapter with "
-            f"get_peft_model.",
-            path=files.folder,
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (the base model), found {type(model).__name__}.")
+    inner = unwrap(model)
+    if inner is not model and not compiled(model):
+        raise TypeError(
+            f"{what} takes the base model before it is wrapped for parallel training, found "
+            f"{type(model).__name__} — DDP / FSDP / DeepSpeed register the parameters when they wrap a "
+            f"model, so an adapter added inside would not be trained or synchronised: load the adapter "
+            f"first, then wrap."
         )
-    if files.weights is None:
-        raise AdapterNotFoundError(
-            f"Adapter weights not found in {os.fspath(files.folder)!r}: expected adapter_model.safetensors "
-            f"— re-save the adapter with save_pretrained.",
-            path=files.folder / "adapter_model.safetensors",
+    if isinstance(inner, PeftModel):
+        raise TypeError(
+            f"{what} takes the base model, found a PeftModel — to add an adapter to it, use "
+            f"safe_lora.load_adapter."
         )
-    if files.weights_format == "safetensors":
-        header = read_header(files.weights)
-        tensors = dict(iter_tensors(files.weights))
-    else:  # the caller opted in to pickle; weights_only still refuses arbitrary objects
-        tensors = read_pickle(files.weights)
-        header = {k: HeaderEntry(str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
-    check_finite(files.weights, tensors.items())
-    check_dtypes(files.weights, config, header)
-    return files.weights, header, tensors
+    held = getattr(inner, "peft_config", None)
+    if isinstance(held, dict) or any(isinstance(m, BaseTunerLayer) for m in inner.modules()):
+        names = sorted(held) if isinstance(held, dict) else []
+        raise AdapterExistsError(
+            f"Base model already carries adapter layers {names or ''}: {what} wraps the base in place, as "
+            f"PEFT does, so an earlier load already changed it (and loading again would change the model "
+            f"that load returned) — expected a base without adapters — add the adapter to the model the "
+            f"earlier load returned with safe_lora.load_adapter, or pass a fresh base.",
+            name="",
+            available=names,
+        )
+    return inner
 
 
-def _plan(
-    model: nn.Module,
-    source: AdapterSource,
+# --------------------------------------------------------------------------------------------------
+# One adapter: checked on disk
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """One adapter, read and checked on disk; nothing about the model yet."""
+
+    name: str
+    adapter: AdapterOnDisk
+    config: PeftConfig  # the prepared copy
+    rates_after_load: dict[str, float]
+
+
+def plan_adapter(
+    adapter: AdapterPath | AdapterOnDisk,
     *,
     name: str,
     training: bool,
     dropout: float | None,
+    strict: bool,
     allow_pickle: bool,
     options: _Options,
+    expected_sha256: Sha256 | None,
+    signed_by: Any,
+    instead: str,
 ) -> _Plan:
-    """Everything that can be checked on disk: folder, config, weights file and its header."""
-    config = options.config
-    if config is not None and not isinstance(config, PeftConfig):
-        raise TypeError(f"config= must be a peft.PeftConfig, found {type(config).__name__}.")
-    # A hub id is downloaded here: the config first (read and checked), then the weights file.
-    files, saved = locate_adapter(source, allow_pickle=allow_pickle, config=config, **options.hub)
-    folder = files.folder
-    prepared = prepared_copy(saved, dropout=dropout, inference_mode=not training)
-    rates_after_load = structural_overrides(saved, dropout)
+    """Everything that can be checked on disk, for one adapter; raise the first refusal.
+
+    ``adapter`` may be an :class:`~safe_lora._checks.AdapterOnDisk` already read and checked (as
+    :mod:`safe_lora.auto` does before it loads the base): then nothing is read twice.
+    """
+    if not isinstance(adapter, AdapterOnDisk):
+        source = open_source(adapter, **options.hub)
+        adapter = read_adapter(
+            source,
+            DiskOptions(
+                allow_pickle=allow_pickle,
+                training=training,
+                strict=strict,
+                key_rules=False,  # the exact check against the model decides (safe_lora._fit)
+                config=options.config,
+                expected_sha256=expected_sha256,
+                signed_by=signed_by,
+                instead=instead,
+                name=name,
+            ),
+        )
+    raise_first(adapter.findings)
+    emit(adapter.findings)
+    assert adapter.config is not None
+    prepared = prepared_copy(adapter.config, dropout=dropout, inference_mode=not training)
     if options.ephemeral_gpu_offload is not None:
         runtime = getattr(prepared, "runtime_config", None)
         if runtime is None:
@@ -281,397 +262,29 @@ def _plan(
                 )
         else:
             runtime.ephemeral_gpu_offload = options.ephemeral_gpu_offload
-    weights, header, tensors = read_checked_weights(
-        files, prepared, training=training, instead="load_for_inference"
-    )
-    warn_if_noop(prepared, tensors, name=name, path=folder)
-
-    trained_on = getattr(prepared, "base_model_name_or_path", None) or ""
-    loading_into = _name_or_path(model)
-    # Names alone prove nothing (a local mirror or a copied folder is the same base): warn only when
-    # the recorded base's config or the adapter's shapes disagree with this model.
-    evidence = base_model_evidence(model, prepared, header, trained_on=trained_on, loading_into=loading_into)
-    if evidence:
-        warnings.warn(
-            f"Adapter {name!r} was trained on {trained_on!r}, which is not the {loading_into!r} it is "
-            f"loaded into: {'; '.join(evidence)} — the outputs may be meaningless — load the base model "
-            f"the adapter was trained on.",
-            BaseModelMismatchWarning,
-            stacklevel=4,
-        )
-    return _Plan(
-        name=name,
-        files=files,
-        weights=weights,
-        config=prepared,
-        header=header,
-        tensors=tensors,
-        rates_after_load=rates_after_load,
-    )
+    return _Plan(name, adapter, prepared, structural_overrides(adapter.config, dropout))
 
 
-# --------------------------------------------------------------------------------------------------
-# What PEFT may write in place
-# --------------------------------------------------------------------------------------------------
+def attach_plan(
+    target: nn.Module, plan: _Plan, *, training: bool, strict: bool, options: _Options, snapshot: Any
+) -> tuple[PeftModel, list[Finding]]:
+    """Load one planned adapter into ``target`` (a base model or a ``PeftModel``) under ``snapshot``.
 
-
-def _targets(model: nn.Module, config: PeftConfig) -> list[nn.Module]:
-    """The modules PEFT will adapt for ``config``, by PEFT's own matching; every module if unsure."""
-    inner = base_of(model)
-    modules = [(k, m) for k, m in inner.named_modules() if k and not isinstance(m, BaseTunerLayer)]
-    try:
-        probe = _maybe_include_all_linear_layers(copy.deepcopy(config), inner)
-        parameters = tuple(getattr(probe, "target_parameters", None) or ())
-        if getattr(probe, "target_modules", None) is None and not parameters:
-            return [m for _, m in modules]  # PEFT picks defaults per architecture: be generous
-        return [
-            module
-            for key, module in modules
-            if check_target_module_exists(probe, key)
-            or any(f"{key}.{name}".endswith(parameters) for name in module._parameters)
-        ]
-    except Exception:  # an unusual config PEFT will judge itself: protect everything
-        return [m for _, m in modules]
-
-
-def _protect_in_place_targets(model: nn.Module, config: PeftConfig, snapshot: Snapshot) -> None:
-    """Back up the values of the tensors the injection may write in place -- and only those.
-
-    A plain LoRA on a float base writes no existing tensor, so nothing is copied. A base-rewriting
-    init writes its targets' weights; quantized weights are rebuilt by several PEFT code paths.
+    Evidence that ``target`` is not the adapter's base is emitted at once, before the load is tried:
+    it explains a refusal that follows.
     """
-    rewrites = rewrites_base(config)
-    if not (rewrites or snapshot.quantized):
-        return  # the common load: nothing to copy, and no need to match targets
-    for module in _targets(model, config):
-        for tensor in (*module._parameters.values(), *module._buffers.values()):
-            if tensor is not None and (rewrites or holds_quantized(tensor)):
-                snapshot.backup(tensor)
-
-
-# --------------------------------------------------------------------------------------------------
-# Injecting, loading and proving
-# --------------------------------------------------------------------------------------------------
-
-
-# PEFT warnings that safe_lora replaces by its own refusal or warning (never shown twice).
-_OWN_WARNINGS = ("Found missing adapter keys",)
-
-
-@contextmanager
-def _peft_warnings() -> Iterator[Callable[[], None]]:
-    """Record what PEFT warns while it works; the caller replays it once the load succeeded.
-
-    A refused load raises one typed error instead of a trail of PEFT's warnings about a model
-    that no longer exists; a successful one passes every warning on, unchanged. The caller's
-    filters decide what is recorded, as they would decide what PEFT shows: forcing "always" here
-    would also make Python read the source file of every warning PEFT (or transformers) raises
-    into its line cache, megabytes that stay.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        recorded: list[warnings.WarningMessage] = caught
-
-        def replay() -> None:
-            for w in recorded:
-                if not str(w.message).startswith(_OWN_WARNINGS):
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-
-        yield replay
-
-
-class _Misfit(Exception):
-    """A file key would land where it must not, or does not fit, before anything is written."""
-
-    def __init__(self, landed: list[str], wrong_dtype: list[str], mismatched: list[str]) -> None:
-        super().__init__("misfit")
-        self.landed = landed
-        self.wrong_dtype = wrong_dtype
-        self.mismatched = mismatched
-
-
-@dataclass
-class _LoadReport:
-    """What the guarded ``load_state_dict`` saw."""
-
-    dropped: list[str] = field(default_factory=list)  # file keys left out (strict=False)
-    loaded_ids: set[int] = field(default_factory=set)
-    calls: int = 0
-
-
-@contextmanager
-def _guarded_load(
-    peft_model: PeftModel,
-    plan: _Plan,
-    snapshot: Snapshot,
-    *,
-    refuse_stray: bool,
-    expected: Callable[[], Expected],
-) -> Iterator[_LoadReport]:
-    """Check every key PEFT is about to load, before the first value moves.
-
-    PEFT's ``set_peft_model_state_dict`` remaps the file's keys and calls ``load_state_dict`` on the
-    ``PeftModel``; that call is intercepted for the duration of the load (on the instance only).
-    A key may only land in a tensor this load created -- or in an existing one PEFT saves on
-    purpose (a bias with ``bias="all"``, a resized embedding), whose values are backed up first.
-    Anything else (a key that would overwrite a base weight, say) is refused, or left out with
-    ``strict=False``; shapes and integer-vs-float dtypes must fit.
-    """
-    report = _LoadReport()
-    file_key = {id(v): k for k, v in plan.tensors.items()}
-    original = peft_model.load_state_dict
-    optional: set[str] | None = None
-
-    def load_state_dict(state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        nonlocal optional
-        report.calls += 1
-        keep: dict[str, Any] = {}
-        landed, wrong_dtype, mismatched = [], [], []
-        for key, value in state_dict.items():
-            tensor, new = snapshot.resolve(peft_model, key)
-            name = file_key.get(id(value), key)
-            if tensor is None:
-                keep[key] = value  # nothing there: PEFT's result reports it as unexpected
-                continue
-            if not new:
-                if optional is None:
-                    full = expected()
-                    optional = set(full.shapes) | full.optional()
-                if name not in optional:
-                    landed.append(name)
-                    continue
-                snapshot.backup(tensor)
-            elif isinstance(value, torch.Tensor):
-                if value.is_floating_point() != tensor.is_floating_point() and tensor.device.type != "meta":
-                    wrong_dtype.append(name)
-                    continue
-                if tuple(value.shape) != tuple(tensor.shape):
-                    mismatched.append(name)
-                    continue
-            keep[key] = value
-            report.loaded_ids.add(id(tensor))
-        if wrong_dtype or mismatched or (landed and refuse_stray):
-            raise _Misfit(landed, wrong_dtype, mismatched)
-        report.dropped.extend(landed)
-        return original(keep, strict=strict, assign=assign)
-
-    peft_model.__dict__["load_state_dict"] = load_state_dict  # an instance attribute shadows the method
-    try:
-        yield report
-    finally:
-        peft_model.__dict__.pop("load_state_dict", None)
-
-
-def _attach(
-    target: nn.Module,
-    plan: _Plan,
-    *,
-    training: bool,
-    strict: bool,
-    options: _Options,
-    snapshot: Snapshot,
-) -> PeftModel:
-    """Inject ``plan``'s adapter into ``target``, load it, and prove the file fit exactly.
-
-    ``target`` is a base model (a ``PeftModel`` is built around it, as ``from_pretrained`` does) or
-    a ``PeftModel`` (the adapter is added, as ``load_adapter`` does). The caller holds the rollback
-    (``snapshot``): whatever raises here is undone there.
-    """
-    config = copy.deepcopy(plan.config)  # PEFT adjusts the config it injects with
-    _protect_in_place_targets(target, config, snapshot)
-    with _peft_warnings() as replay:
-        peft_model = _inject(target, config, plan, training=training, options=options)
-
-        def expected() -> Expected:
-            return expected_keys(peft_model, plan.name)
-
-        try:
-            with _guarded_load(peft_model, plan, snapshot, refuse_stray=strict, expected=expected) as report:
-                result = _load_weights(peft_model, plan, training=training, options=options)
-        except _Misfit as misfit:
-            _refuse(plan, expected(), misfit)
-            raise AssertionError("unreachable") from misfit  # _refuse always raises
-        except (RuntimeError, KeyError) as exc:
-            # PEFT could not place a file key (a modules_to_save weight missing from the file, a
-            # shape torch refuses): name the keys as the file does, or pass PEFT's error on.
-            compare(plan.header, expected(), path=plan.weights, strict=True)
-            raise AdapterWeightsError(
-                f"Adapter weights could not be loaded from {os.fspath(plan.weights)!r}: "
-                f"{type(exc).__name__}: {exc} — re-save the adapter with save_pretrained, or load it "
-                f"into the base model it was trained on.",
-                path=plan.weights,
-            ) from exc
-
-        missing, unexpected = _verdict(peft_model, plan, result, report, snapshot, strict=strict)
-        if options.low_cpu_mem_usage:
-            _refuse_meta(peft_model, plan)
-    _set_rates_after_load(peft_model, plan)
-    replay()
-    if missing or unexpected:
-        warnings.warn(
-            f"Loaded adapter {plan.name!r} from {os.fspath(plan.files.folder)!r} with strict=False: "
-            f"missing keys (left at their initial values): [{_fmt_keys(missing)}]; "
-            f"unexpected keys (ignored): [{_fmt_keys(unexpected)}].",
-            UserWarning,
-            stacklevel=4,
-        )
-    return peft_model
-
-
-def _refuse_meta(peft_model: PeftModel, plan: _Plan) -> None:
-    """With ``low_cpu_mem_usage=True`` PEFT creates tensors on the meta device and some code paths
-    never give them storage (layer replication, 8-bit DoRA, X-LoRA's classifier): such a model
-    loads "fine" and fails at its first forward. Refuse it instead."""
-    left = sorted(
-        name
-        for name, tensor in (*peft_model.named_parameters(), *peft_model.named_buffers())
-        if tensor.device.type == "meta"
-    )
-    if left:
-        raise AdapterConfigError(
-            f"Adapter {plan.name!r} from {os.fspath(plan.files.folder)!r} did not load with "
-            f"low_cpu_mem_usage=True: PEFT left {len(left)} tensor(s) on the meta device "
-            f"({_fmt_keys(left)}) — expected every tensor to hold the file's or the base's values — "
-            f"load it without low_cpu_mem_usage=True.",
-            path=plan.files.folder,
-        )
-
-
-def _set_rates_after_load(peft_model: PeftModel, plan: _Plan) -> None:
-    """Give the Dropout modules of a structural rate (X-LoRA's classifier) the rate asked for."""
-    for field_name, rate in plan.rates_after_load.items():
-        holder = getattr(peft_model.base_model, STRUCTURAL_RATES[field_name], None)
-        if isinstance(holder, nn.Module):
-            for module in holder.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = rate
-        setattr(peft_model.peft_config[plan.name], field_name, rate)
-
-
-def _inject(
-    target: nn.Module, config: PeftConfig, plan: _Plan, *, training: bool, options: _Options
-) -> PeftModel:
-    """Build the ``PeftModel`` (or add the adapter) exactly as PEFT's loading entry points do."""
-    try:
-        if isinstance(target, PeftModel):
-            target._check_new_adapter_config(config, is_trainable=training)
-            target.add_adapter(
-                plan.name,
-                config,
-                low_cpu_mem_usage=options.low_cpu_mem_usage,
-                autocast_adapter_dtype=options.autocast_adapter_dtype,
-            )
-            if training:
-                target.set_requires_grad(plan.name)
-            return target
-        # The same class choice as PeftModel.from_pretrained, so task wrappers match.
-        from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
-
-        cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
-        peft_model: PeftModel = cls(
-            target,
-            config,
-            plan.name,
-            autocast_adapter_dtype=options.autocast_adapter_dtype,
-            low_cpu_mem_usage=options.low_cpu_mem_usage,
-        )
-        return peft_model
-    except Exception as exc:  # PEFT raises ValueError/TypeError/KeyError/RuntimeError for bad configs
-        base = base_of(target)
-        raise AdapterConfigError(
-            f"Adapter config does not fit this model in {os.fspath(plan.files.folder)!r}: {exc} — "
-            f"expected a config PEFT can apply to {type(base).__name__} (target modules that exist in "
-            f"it, valid field values) — check that this adapter was trained on this base model "
-            f"architecture, or fix the config (e.g. 'target_modules').",
-            path=plan.files.folder,
-        ) from exc
-
-
-def _load_weights(peft_model: PeftModel, plan: _Plan, *, training: bool, options: _Options) -> Any:
-    """Load ``plan.tensors`` into the injected adapter, as ``PeftModel.load_adapter`` does.
-
-    The direct path hands the tensors already read (and checked) to PEFT's own
-    ``set_peft_model_state_dict`` -- what ``load_adapter`` does after reading the file -- so the
-    file is read once. Device maps, key mappings and device placement take ``load_adapter`` itself.
-    """
-    config = peft_model.peft_config[plan.name]
-    tuner: Any = peft_model.base_model
-    renamed = (
-        {}
-        if config.is_prompt_learning
-        else getattr(base_of(peft_model), "_checkpoint_conversion_mapping", None) or {}
-    )
-    peft_load = dict(options.peft_load)
-    if renamed and "key_mapping" not in peft_load:
-        peft_load["key_mapping"] = renamed  # what PeftModel.from_pretrained does for renamed models
-    if peft_load or getattr(base_of(peft_model), "hf_device_map", None) is not None:
-        return peft_model.load_adapter(
-            os.fspath(plan.files.folder), plan.name, is_trainable=training, **options.direct, **peft_load
-        )
-    context = tuner._temporarily_active(plan.name) if config.is_adaption_prompt else nullcontext()
-    with context:
-        result = set_peft_model_state_dict(
-            peft_model,
-            plan.tensors,
-            adapter_name=plan.name,
-            low_cpu_mem_usage=options.low_cpu_mem_usage,
-        )
-    if hasattr(tuner, "_cast_adapter_dtype"):
-        tuner._cast_adapter_dtype(
-            adapter_name=plan.name, autocast_adapter_dtype=options.autocast_adapter_dtype
-        )
-    return result
-
-
-def _verdict(
-    peft_model: PeftModel,
-    plan: _Plan,
-    result: Any,
-    report: _LoadReport,
-    snapshot: Snapshot,
-    *,
-    strict: bool,
-) -> tuple[list[str], list[str]]:
-    """Prove the file fit exactly; ``(missing, unexpected)`` to warn about with ``strict=False``.
-
-    The cheap signals -- keys PEFT could not place, created tensors left unloaded, keys left out --
-    are exact when silent; only when one speaks does the full comparison of the file against what
-    ``save_pretrained`` would write run, to decide and to name the keys.
-    """
-    unloaded = False
-    for key in getattr(result, "missing_keys", []):
-        if f".{plan.name}." not in f".{key}.":
-            continue  # PEFT keys every tensor of an adapter by its name; the rest is the base's
-        tensor, new = snapshot.resolve(peft_model, key)
-        if tensor is not None and new and id(tensor) not in report.loaded_ids:
-            unloaded = True
-            break
-    if report.calls and not (unloaded or report.dropped or getattr(result, "unexpected_keys", [])):
-        return [], []
-    missing, unexpected = compare(
-        plan.header, expected_keys(peft_model, plan.name), path=plan.weights, strict=strict
-    )
-    return missing, sorted(set(unexpected) | set(report.dropped))
-
-
-def _refuse(plan: _Plan, expected: Expected, misfit: _Misfit) -> None:
-    """Raise the typed error for a misfit the guard found (the file's own keys named)."""
-    if misfit.wrong_dtype:
-        keys = sorted(misfit.wrong_dtype)
-        raise AdapterWeightsError(
-            f"Adapter weights have the wrong dtype in {os.fspath(plan.weights)!r}: {_fmt_keys(keys)} hold "
-            f"integer or bool values where the adapter's tensors are floating point — the file is "
-            f"corrupt or was written by another tool; re-save the adapter with save_pretrained.",
-            path=plan.weights,
-            unexpected_keys=keys,
-        )
-    # Shapes and keys: the full comparison names them as the file does.
-    compare(plan.header, expected, path=plan.weights, strict=True)
-    keys = sorted(misfit.landed + misfit.mismatched)
-    raise AdapterWeightsError(
-        f"Adapter weights do not fit this model in {os.fspath(plan.weights)!r}: {_fmt_keys(keys)} would "
-        f"overwrite tensors the adapter does not own — re-save the adapter with save_pretrained.",
-        path=plan.weights,
-        unexpected_keys=keys,
+    emit(evidence_findings(base_of(target), plan.config, plan.adapter.header, name=plan.name))
+    config = prepare_for_model(plan.config, target, where=plan.adapter.source.where(CONFIG_NAME))
+    return attach(
+        target,
+        plan.adapter,
+        config,
+        name=plan.name,
+        training=training,
+        strict=strict,
+        options=options.attach,
+        snapshot=snapshot,
+        rates_after_load=plan.rates_after_load,
     )
 
 
@@ -680,11 +293,18 @@ def _refuse(plan: _Plan, expected: Expected, misfit: _Misfit) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _normalise(adapter: Adapters, adapter_name: str) -> dict[str, AdapterSource]:
+def _normalise(adapter: Any, adapter_name: str) -> dict[str, Any]:
     if isinstance(adapter, Mapping):
         if not adapter:
             raise ValueError("No adapters given: expected a non-empty {name: path} mapping.")
+        for name in adapter:
+            check_type("adapter (a mapping's key)", name, str, "an adapter name (str)")
         return dict(adapter)
+    if not isinstance(adapter, (str, os.PathLike, AdapterOnDisk)):
+        raise TypeError(
+            f"adapter must be a folder path, a hub repo id or a {{name: path}} mapping, found "
+            f"{type(adapter).__name__} — pass the folder save_pretrained wrote, e.g. 'out/my-adapter'."
+        )
     return {adapter_name: adapter}
 
 
@@ -699,13 +319,20 @@ def _load(
     merge: bool,
     strict: bool,
     allow_pickle: bool,
+    expected_sha256: Sha256 | None,
+    signed_by: Any,
     peft_kwargs: dict[str, Any],
+    instead: str = "load_for_inference",
 ) -> nn.Module:
-    if isinstance(model, PeftModel):
-        raise TypeError(
-            "load_for_inference/load_for_training take the base model, found a PeftModel — "
-            "to add an adapter to it, use safe_lora.load_adapter."
-        )
+    what = "load_for_training" if training else "load_for_inference"
+    check_type("adapter_name", adapter_name, str, "a str")
+    check_type("strict", strict, bool, "True or False")
+    check_type("merge", merge, bool, "True or False")
+    check_type("allow_pickle", allow_pickle, bool, "True or False")
+    check_dropout(dropout)
+    if active is not None:
+        check_type("active", active, str, "an adapter name (str) or None")
+    target = _check_model(model, what)
     sources = _normalise(adapter, adapter_name)
     active = next(iter(sources)) if active is None else active
     if active not in sources:
@@ -718,37 +345,52 @@ def _load(
     options = _split_kwargs(peft_kwargs)
     if options.config is not None and len(sources) > 1:
         raise TypeError("config= applies to a single adapter; pass one adapter path, not a mapping.")
+    if expected_sha256 is not None and len(sources) > 1 and not isinstance(expected_sha256, Mapping):
+        raise TypeError(
+            "expected_sha256= as one digest pins a single adapter's weights file; with a mapping of adapters, "
+            "load them one by one, or pin each with load_adapter."
+        )
 
     # Everything on disk is checked for every adapter before the first one touches the model.
     plans = [
-        _plan(
-            model,
+        plan_adapter(
             source,
             name=name,
             training=training,
             dropout=dropout,
+            strict=strict,
             allow_pickle=allow_pickle,
             options=options,
+            expected_sha256=expected_sha256,
+            signed_by=signed_by,
+            instead=instead,
         )
         for name, source in sources.items()
     ]
 
-    with rollback_on_error(model) as snapshot:
-        target: nn.Module = model
-        for plan in plans:
-            target = _attach(
-                target, plan, training=training, strict=strict, options=options, snapshot=snapshot
+    findings: list[Finding] = []
+    with rollback_on_error(target) as outer:
+        current: nn.Module = target
+        for index, plan in enumerate(plans):
+            # Each adapter's own snapshot: the model with the adapters before it (backups reach outer).
+            snapshot = outer if index == 0 else Snapshot(current, outer=outer)
+            current, found = attach_plan(
+                current, plan, training=training, strict=strict, options=options, snapshot=snapshot
             )
-        assert isinstance(target, PeftModel)
-        peft_model = target
+            findings += found
+        assert isinstance(current, PeftModel)
+        peft_model = current
         if active != peft_model.active_adapter:
             peft_model.set_adapter(active, inference_mode=not training)
         result: nn.Module = peft_model
         if merge:
-            with _peft_warnings() as replay:
-                result = merge_adapter(peft_model, active)
-            replay()
+            result = merge_adapter(peft_model, active)
         _set_mode(result, training=training)
+    from safe_lora._provenance import record
+
+    for plan in plans:
+        record(peft_model, plan.name, plan.adapter)
+    emit(findings)
     return result
 
 
@@ -773,6 +415,8 @@ def load_for_inference(
     merge: Literal[False] = ...,
     strict: bool = ...,
     allow_pickle: bool = ...,
+    expected_sha256: Sha256 | None = ...,
+    signed_by: Any = ...,
     **peft_kwargs: Any,
 ) -> PeftModel: ...
 @overload
@@ -786,6 +430,8 @@ def load_for_inference(
     merge: Literal[True],
     strict: bool = ...,
     allow_pickle: bool = ...,
+    expected_sha256: Sha256 | None = ...,
+    signed_by: Any = ...,
     **peft_kwargs: Any,
 ) -> nn.Module: ...
 def load_for_inference(
@@ -798,17 +444,21 @@ def load_for_inference(
     merge: bool = False,
     strict: bool = True,
     allow_pickle: bool = False,
+    expected_sha256: Sha256 | None = None,
+    signed_by: Any = None,
     **peft_kwargs: Any,
 ) -> nn.Module:
-    """Load a PEFT adapter for inference: deterministic, frozen, validated before anything changes.
+    """Load a PEFT adapter for inference: deterministic, frozen, checked before anything changes.
 
     The model is bit-identical to ``PeftModel.from_pretrained(model, adapter).eval()`` (same PEFT
-    code, same defaults), except for what is documented here: dropout rates, modes, gradients.
+    code, same defaults), except for what is documented here: dropout rates, modes, gradients. Like
+    PEFT, the base model is wrapped in place: pass a fresh base to each load.
 
     Args:
-        model: The base model (e.g. from ``AutoModelForCausalLM.from_pretrained``).
-        adapter: A folder written by ``save_pretrained``, a hub repo id, or a ``{name: folder}``
-            mapping to load several adapters onto one base.
+        model: The base model (e.g. from ``AutoModelForCausalLM.from_pretrained``); a
+            ``torch.compile`` of one is loaded into the original module (compile after loading).
+        adapter: A folder written by ``save_pretrained`` (or the path of a file in it), a hub repo id,
+            or a ``{name: folder}`` mapping to load several adapters onto one base.
         adapter_name: The name of a single adapter inside the ``PeftModel``.
         active: With a mapping, the adapter to activate (default: the first).
         dropout: The rate every dropout of the adapter's config is set to (on a copy); ``0.0``
@@ -817,21 +467,31 @@ def load_for_inference(
             (``merge_and_unload``), after every layer was shown to merge.
         strict: Refuse missing or unexpected adapter keys; ``False`` warns and loads what fits.
         allow_pickle: Allow ``adapter_model.bin`` (pickle) when there is no safetensors file.
+        expected_sha256: Pin the bytes: the weights file's sha256 (hex, as ``sha256sum`` and the
+            Hub's file page show it), or ``{file name: sha256}`` for any file read, the config
+            included. Checked over the very bytes that are parsed.
+        signed_by: Require an OpenSSF model-signing signature (``model.sig`` beside the files) by this
+            key: a path to a PEM public key, or a ``model_signing.verifying.Config``
+            (``pip install 'safe-lora[signing]'``).
         **peft_kwargs: ``PeftModel.from_pretrained``'s keywords (``config=``, ``revision=``,
-            ``subfolder=``, ``autocast_adapter_dtype=``, ``low_cpu_mem_usage=``,
-            ``ephemeral_gpu_offload=``, ``torch_device=``, ...). A ``config`` object is copied, never
-            modified. An unknown keyword raises ``TypeError``.
+            ``subfolder=``, ``token=``, ``autocast_adapter_dtype=``, ``low_cpu_mem_usage=``,
+            ``key_mapping=``, ``torch_device=``, ...). A ``config`` object is copied, never modified.
+            An unknown keyword raises ``TypeError``.
 
     Returns:
         The ``PeftModel`` (or, with ``merge=True``, the merged base model) with every module in
         eval mode and every parameter ``requires_grad=False``.
 
     Raises:
+        TypeError: An argument of the wrong type, or a keyword PEFT does not take.
         AdapterNotFoundError: The folder, its config or its weights do not exist.
         AdapterConfigError: The config is unreadable, of an unknown type, or targets nothing here.
         AdapterWeightsError: The weights are corrupt, non-finite, or do not fit the config and model.
+        AdapterIntegrityError: A file's sha256 is not the pinned one or the Hub's record, or the
+            signature does not cover it.
         UnsafeAdapterError: Only pickle weights exist and ``allow_pickle`` is false.
         AdapterMergeError: ``merge=True`` for a tuner or layer that cannot merge.
+        AdapterExistsError: The base already carries adapter layers from an earlier load.
 
     Example:
         >>> model = load_for_inference(base, "out/my-adapter")  # doctest: +SKIP
@@ -847,6 +507,8 @@ def load_for_inference(
         merge=merge,
         strict=strict,
         allow_pickle=allow_pickle,
+        expected_sha256=expected_sha256,
+        signed_by=signed_by,
         peft_kwargs=peft_kwargs,
     )
 
@@ -860,6 +522,8 @@ def load_for_training(
     dropout: float | None = None,
     strict: bool = True,
     allow_pickle: bool = False,
+    expected_sha256: Sha256 | None = None,
+    signed_by: Any = None,
     **peft_kwargs: Any,
 ) -> PeftModel:
     """Load a PEFT adapter to continue training it: every module in train mode, adapter trainable.
@@ -876,6 +540,8 @@ def load_for_training(
         dropout: When not ``None``, the rate every dropout of the adapter's config is set to (on a copy).
         strict: Refuse missing or unexpected adapter keys; ``False`` warns and loads what fits.
         allow_pickle: Allow ``adapter_model.bin`` (pickle) when there is no safetensors file.
+        expected_sha256: As for :func:`load_for_inference`.
+        signed_by: As for :func:`load_for_inference`.
         **peft_kwargs: ``PeftModel.from_pretrained``'s keywords; a ``config`` object is copied.
 
     Returns:
@@ -883,8 +549,9 @@ def load_for_training(
         base model's frozen.
 
     Raises:
-        AdapterNotFoundError, AdapterConfigError, AdapterWeightsError, UnsafeAdapterError: As for
-            :func:`load_for_inference`; the model is left exactly as it was.
+        TypeError, AdapterNotFoundError, AdapterConfigError, AdapterWeightsError, AdapterIntegrityError,
+            UnsafeAdapterError, AdapterExistsError: As for :func:`load_for_inference`; the model is left
+            exactly as it was.
 
     Example:
         >>> model = load_for_training(base, "out/my-adapter")  # doctest: +SKIP
@@ -901,7 +568,10 @@ def load_for_training(
         merge=False,
         strict=strict,
         allow_pickle=allow_pickle,
+        expected_sha256=expected_sha256,
+        signed_by=signed_by,
         peft_kwargs=peft_kwargs,
+        instead="load_for_inference",
     )
     assert isinstance(result, PeftModel)
     return result

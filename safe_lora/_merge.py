@@ -15,10 +15,9 @@ import warnings
 from typing import Any
 
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from safe_lora._config import peft_type_name
+from safe_lora._peft import BaseTunerLayer, peft_type_name
 from safe_lora.errors import AdapterMergeError
 
 __all__ = ["check_mergeable", "merge"]

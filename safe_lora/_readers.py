@@ -11,13 +11,31 @@ same bytes, so nothing can change between the check and the use.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["FileBytes", "git_blob_sha1", "read_bounded", "sha256_hex", "special_file"]
+import torch
+
+__all__ = [
+    "JSON_MAX_DEPTH",
+    "FileBytes",
+    "PickleRefused",
+    "TensorInfo",
+    "Weights",
+    "dtype_name",
+    "git_blob_sha1",
+    "parse_json_object",
+    "parse_pickle",
+    "parse_safetensors",
+    "read_bounded",
+    "sha256_hex",
+    "special_file",
+]
 
 # Bytes per read() call: large enough to be fast, small enough that the bound is checked often.
 _CHUNK = 1 << 20
@@ -158,3 +176,186 @@ def _size(n: int) -> str:
         if n >= scale and n % scale == 0:
             return f"{n // scale} {unit}"
     return f"{n} bytes"
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing the bytes read
+# --------------------------------------------------------------------------------------------------
+
+# The safetensors spelling of each torch dtype (the header's "dtype" field), the one spelling safe_lora
+# uses for dtypes in reports and errors, whichever format the tensors came from.
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+    **{
+        getattr(torch, name): code
+        for name, code in (
+            ("uint16", "U16"),
+            ("uint32", "U32"),
+            ("uint64", "U64"),
+            ("float8_e4m3fn", "F8_E4M3"),
+            ("float8_e5m2", "F8_E5M2"),
+            ("float8_e8m0fnu", "F8_E8M0"),
+            ("float4_e2m1fn_x2", "F4"),
+        )
+        if hasattr(torch, name)
+    },
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors spelling of ``dtype`` (``"F32"``, ``"BF16"``, ``"I64"``, ...).
+
+    Example:
+        >>> dtype_name(torch.bfloat16)
+        'BF16'
+    """
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the file describes it: its dtype (safetensors spelling) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A weights file parsed: every tensor, and what the file says of each.
+
+    Attributes:
+        header: ``{key: TensorInfo}`` in the file's order.
+        tensors: ``{key: tensor}``, on the CPU, built from the bytes read (nothing read twice).
+        nbytes: The bytes of tensor data.
+    """
+
+    header: dict[str, TensorInfo]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    nbytes: int
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> Weights:
+        header = {k: TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+        return cls(header, tensors, sum(t.nbytes for t in tensors.values()))
+
+
+def parse_safetensors(file: FileBytes, *, error: Callable[[str, str], Exception]) -> Weights:
+    """The tensors of a safetensors file's bytes, by safetensors itself (``safetensors.torch.load``).
+
+    safetensors refuses a header that is too large, overflowing shapes, and offsets past the end,
+    overlapping or with gaps, before building any tensor; every tensor is backed by the bytes read.
+
+    Raises:
+        Exception: What ``error`` builds, when safetensors refuses the bytes.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(file.data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise error(f"is not a valid safetensors file ({exc})", "re-save or re-download the adapter") from exc
+    return Weights.of(tensors)
+
+
+class PickleRefused(Exception):
+    """A pickle holds objects ``torch.load(weights_only=True)`` will not build (it would run code)."""
+
+
+def parse_pickle(file: FileBytes, *, error: Callable[[str, str], Exception]) -> Weights:
+    """The tensors of an ``adapter_model.bin`` pickle's bytes, by ``torch.load(weights_only=True)``.
+
+    Only a ``{str: tensor}`` dict is accepted.
+
+    Raises:
+        PickleRefused: The pickle holds objects ``weights_only`` refuses to build.
+        Exception: What ``error`` builds: unreadable (truncated, garbage), or not a tensor dict.
+    """
+    import io
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            loaded = torch.load(io.BytesIO(file.data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise PickleRefused(str(exc).splitlines()[0]) from exc
+        raise error(_broken(exc), "re-save or re-download the adapter") from exc
+    except Exception as exc:  # torch.load raises KeyError/EOFError/RuntimeError/... for broken files
+        raise error(_broken(exc), "re-save or re-download the adapter") from exc
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        found = (
+            f"a {type(loaded).__name__}"
+            if not isinstance(loaded, dict)
+            else "a dict with "
+            + ", ".join(sorted({f"{type(k).__name__} -> {type(v).__name__}" for k, v in loaded.items()})[:5])
+        )
+        raise error(
+            f"holds {found}, not a dict of tensor names to tensors",
+            "re-save the adapter with save_pretrained",
+        )
+    return Weights.of(dict(loaded))
+
+
+def _broken(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"is not a readable torch pickle ({type(exc).__name__}: {first})"
+
+
+# save_pretrained nests at most 3 levels (a sub-config's list). Deeper JSON is not a PEFT config, and
+# copying or saving it later would recurse once per level.
+JSON_MAX_DEPTH = 32
+
+
+def parse_json_object(file: FileBytes, *, error: Callable[[str, str], Exception]) -> dict[str, Any]:
+    """The JSON object in a file's bytes: UTF-8, an object, nested at most :data:`JSON_MAX_DEPTH`.
+
+    Raises:
+        Exception: What ``error`` builds: not UTF-8 JSON, not an object, or nested too deeply.
+    """
+    try:
+        raw = json.loads(file.data.decode("utf-8"))
+    except RecursionError as exc:  # json recurses once per nesting level
+        raise error(f"is nested deeper than Python can parse ({exc})", "re-save the adapter") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSON syntax, integers of >4300 digits
+        raise error(f"is not valid UTF-8 JSON ({exc})", "re-save the adapter or repair the file") from exc
+    if not isinstance(raw, dict):
+        raise error(
+            f"holds a JSON {type(raw).__name__}, not an object", "re-save the adapter with save_pretrained"
+        )
+    depth = _depth(raw)
+    if depth > JSON_MAX_DEPTH:
+        raise error(
+            f"is nested {depth} levels deep (save_pretrained writes at most a few; the limit is {JSON_MAX_DEPTH})",
+            "re-save the adapter",
+        )
+    return raw
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON containers nest in ``value``, walked without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+
+from safe_lora._peft import AuxiliaryTrainingWrapper, BaseTunerLayer
 
 __all__ = ["Snapshot", "holds_quantized", "rollback_on_error", "tensor_at"]
 
@@ -94,8 +94,10 @@ class Snapshot:
         >>> snap.restore()  # exactly as before  # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, outer: Snapshot | None = None) -> None:
         self.root = model
+        # A snapshot taken earlier in the same load, which must also keep every backup made here.
+        self.outer = outer
         # module -> its __dict__ as it was (shallow); insertion order is the walk order.
         self.modules: dict[nn.Module, _Saved] = {}
         # Roots of existing adapters' own subtrees: pre-existing, not captured, never rewired.
@@ -171,6 +173,8 @@ class Snapshot:
 
         For the few tensors a load may write *in place*; each is copied once, however often named.
         """
+        if self.outer is not None:
+            self.outer.backup(tensor)
         if id(tensor) in self._backed_up:
             return
         self._backed_up.add(id(tensor))
@@ -213,6 +217,35 @@ class Snapshot:
             for child in module._modules.values():
                 if child is not None and child not in self.modules and child not in self.sealed:
                     yield module, child
+
+    def new_modules(self) -> Iterator[nn.Module]:
+        """Every module the load added: the new subtrees, without the captured modules they wrap."""
+        seen: set[int] = set()
+        for _, child in self.new_subtrees():
+            pending = [child]
+            while pending:
+                module = pending.pop()
+                if id(module) in seen or module in self.modules or module in self.sealed:
+                    continue
+                seen.add(id(module))
+                yield module
+                pending.extend(c for c in module._modules.values() if c is not None)
+
+    def new_tensors(self) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
+        """``(module, "_parameters" or "_buffers", name, tensor)`` for every tensor the load created:
+        new entries of captured modules, and everything in new modules but tensors that existed."""
+        known = {id(t) for t, _, _ in self._data}
+        for module, saved in self.modules.items():
+            for slot in ("_parameters", "_buffers"):
+                before = saved.contents.get(slot, {})
+                for key, tensor in getattr(module, slot).items():
+                    if tensor is not None and before.get(key) is not tensor and id(tensor) not in known:
+                        yield module, slot, key, tensor
+        for module in self.new_modules():
+            for slot in ("_parameters", "_buffers"):
+                for key, tensor in getattr(module, slot).items():
+                    if tensor is not None and id(tensor) not in known:
+                        yield module, slot, key, tensor
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Every parameter the load created (in new modules or new entries of existing ones)."""

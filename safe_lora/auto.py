@@ -3,10 +3,15 @@
 ``AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=..., device_map=...)`` reads the adapter's
 config, downloads and loads the (often multi-GB) base model it names, and only then finds out
 whether the adapter is usable. :func:`for_inference` and :func:`for_training` find the adapter,
-fetch its two files (``adapter_config.json``, then ``adapter_model.safetensors``) and check them on
-disk -- config, safetensors header, NaN/inf -- *before* the base is loaded, so a broken adapter never
-costs a base download. Then the base is loaded as PEFT's Auto classes load it, and the adapter with
-:func:`~safe_lora.load_for_inference` / :func:`~safe_lora.load_for_training` and all their guarantees.
+fetch its two files (``adapter_config.json``, then ``adapter_model.safetensors``) and run every check
+the loaders run without a model (:func:`safe_lora._checks.read_adapter`: the same code, the same
+verdict) *before* the base is loaded, so a broken adapter never costs a base download. Then the base
+is loaded as PEFT's Auto classes load it, and the adapter -- the very bytes already checked, not read
+again -- with :func:`~safe_lora.load_for_inference` / :func:`~safe_lora.load_for_training`.
+
+The adapter only *names* a base model. With ``trust_remote_code=True`` that name decides whose code
+runs, so the caller must choose the base (``base_model=``); nothing executable from the adapter's own
+repo (code, a tokenizer) is ever loaded.
 
 Example:
     >>> from safe_lora import auto
@@ -16,48 +21,28 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, overload
 
 from peft import PeftConfig, PeftModel
 from torch import nn
 
-from safe_lora._config import AdapterFiles, locate_adapter, prepared_copy
-from safe_lora._loading import load_for_inference, load_for_training, read_checked_weights
-from safe_lora._validate import HeaderEntry
-from safe_lora.errors import AdapterConfigError
+from safe_lora._checks import AdapterOnDisk, DiskOptions, raise_first, read_adapter
+from safe_lora._loading import Sha256, check_dropout, load_for_inference, load_for_training
+from safe_lora._peft import SAVED_PREFIX, TASK_CLASSES, import_allowed
+from safe_lora._readers import TensorInfo
+from safe_lora._source import CONFIG_NAME, open_source
+from safe_lora.errors import AdapterConfigError, UnsafeAdapterError
 
 __all__ = ["for_inference", "for_training"]
 
-# The transformers Auto class PEFT's AutoPeftModelFor* picks for each task type (peft/auto.py).
-_TASK_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
-_SAVED_PREFIX = "base_model.model."
-
-AdapterSource = str | os.PathLike[str]
-
-
-@dataclass(frozen=True)
-class _Checked:
-    """An adapter fetched and checked on disk: its files, config and safetensors header."""
-
-    files: AdapterFiles
-    config: PeftConfig
-    header: dict[str, HeaderEntry]
+AdapterPath = str | os.PathLike[str]
 
 
 @overload
 def for_inference(
-    adapter: AdapterSource,
+    adapter: AdapterPath,
     *,
-    base_model: AdapterSource | None = ...,
+    base_model: AdapterPath | None = ...,
     model_class: Any = ...,
     adapter_name: str = ...,
     dropout: float | None = ...,
@@ -68,13 +53,15 @@ def for_inference(
     subfolder: str | None = ...,
     token: str | bool | None = ...,
     cache_dir: str | os.PathLike[str] | None = ...,
+    expected_sha256: Sha256 | None = ...,
+    signed_by: Any = ...,
     **base_kwargs: Any,
 ) -> PeftModel: ...
 @overload
 def for_inference(
-    adapter: AdapterSource,
+    adapter: AdapterPath,
     *,
-    base_model: AdapterSource | None = ...,
+    base_model: AdapterPath | None = ...,
     model_class: Any = ...,
     adapter_name: str = ...,
     dropout: float | None = ...,
@@ -85,12 +72,14 @@ def for_inference(
     subfolder: str | None = ...,
     token: str | bool | None = ...,
     cache_dir: str | os.PathLike[str] | None = ...,
+    expected_sha256: Sha256 | None = ...,
+    signed_by: Any = ...,
     **base_kwargs: Any,
 ) -> nn.Module: ...
 def for_inference(
-    adapter: AdapterSource,
+    adapter: AdapterPath,
     *,
-    base_model: AdapterSource | None = None,
+    base_model: AdapterPath | None = None,
     model_class: Any = None,
     adapter_name: str = "default",
     dropout: float | None = 0.0,
@@ -101,6 +90,8 @@ def for_inference(
     subfolder: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    expected_sha256: Sha256 | None = None,
+    signed_by: Any = None,
     **base_kwargs: Any,
 ) -> nn.Module:
     """Load the base model an adapter names, then the adapter for inference -- the adapter checked first.
@@ -124,8 +115,14 @@ def for_inference(
         subfolder: The adapter's folder inside ``adapter``.
         token: For the hub: used for the adapter and for the base.
         cache_dir: The Hugging Face cache, for the adapter and for the base.
+        expected_sha256: Pinned digests of the adapter's files, as for
+            :func:`~safe_lora.load_for_inference`; checked before the base is requested.
+        signed_by: A required signature over the adapter's files, as for
+            :func:`~safe_lora.load_for_inference`; checked before the base is requested.
         **base_kwargs: Passed to the base's ``from_pretrained``: ``dtype``, ``device_map``,
-            ``quantization_config``, ``trust_remote_code``, ``attn_implementation``, ...
+            ``quantization_config``, ``attn_implementation``, ... ``trust_remote_code=True`` runs the
+            base repo's own code, so it requires ``base_model=``: the adapter's config must not choose
+            whose code runs.
 
     Returns:
         What :func:`~safe_lora.load_for_inference` returns: the ``PeftModel`` in eval mode with every
@@ -135,8 +132,11 @@ def for_inference(
         AdapterNotFoundError: The adapter (folder, repo, revision, config or weights) does not exist.
         AdapterAccessError: The hub refused the adapter (pass ``token=``).
         AdapterConfigError: The config is broken, or names no base model / task type to load it with.
-        AdapterWeightsError: The weights are unreadable or hold NaN/inf -- found before the base loads.
-        UnsafeAdapterError: Only pickle weights exist and ``allow_pickle`` is false.
+        AdapterWeightsError: The weights are unreadable, hold NaN/inf, or contradict the config -- found
+            before the base loads.
+        AdapterIntegrityError: A pinned digest, the Hub's record or the signature disagrees.
+        UnsafeAdapterError: Only pickle weights exist and ``allow_pickle`` is false, or
+            ``trust_remote_code=True`` without ``base_model=``.
 
     Example:
         >>> model = auto.for_inference("org/my-adapter", dtype=torch.bfloat16, device_map="auto")
@@ -146,33 +146,33 @@ def for_inference(
         adapter,
         training=False,
         dropout=dropout,
+        strict=strict,
         allow_pickle=allow_pickle,
         revision=revision,
         subfolder=subfolder,
         token=token,
         cache_dir=cache_dir,
+        expected_sha256=expected_sha256,
+        signed_by=signed_by,
     )
     base = _load_base(checked, base_model, model_class, token=token, cache_dir=cache_dir, kwargs=base_kwargs)
-    folder = checked.files.folder  # already fetched and checked: the loader reads it from local disk
-    if merge:
-        return load_for_inference(
-            base,
-            folder,
-            adapter_name=adapter_name,
-            dropout=dropout,
-            merge=True,
-            strict=strict,
-            allow_pickle=allow_pickle,
-        )
-    return load_for_inference(
-        base, folder, adapter_name=adapter_name, dropout=dropout, strict=strict, allow_pickle=allow_pickle
+    # The bytes already read and checked are loaded: nothing is read (or downloaded) again.
+    loaded: nn.Module = load_for_inference(
+        base,
+        checked,
+        adapter_name=adapter_name,
+        dropout=dropout,
+        merge=merge,
+        strict=strict,
+        allow_pickle=allow_pickle,  # type: ignore[call-overload]
     )
+    return loaded
 
 
 def for_training(
-    adapter: AdapterSource,
+    adapter: AdapterPath,
     *,
-    base_model: AdapterSource | None = None,
+    base_model: AdapterPath | None = None,
     model_class: Any = None,
     adapter_name: str = "default",
     dropout: float | None = None,
@@ -182,6 +182,8 @@ def for_training(
     subfolder: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    expected_sha256: Sha256 | None = None,
+    signed_by: Any = None,
     **base_kwargs: Any,
 ) -> PeftModel:
     """Load the base model an adapter names, then the adapter for more training -- the adapter checked first.
@@ -205,16 +207,19 @@ def for_training(
         adapter,
         training=True,
         dropout=dropout,
+        strict=strict,
         allow_pickle=allow_pickle,
         revision=revision,
         subfolder=subfolder,
         token=token,
         cache_dir=cache_dir,
+        expected_sha256=expected_sha256,
+        signed_by=signed_by,
     )
     base = _load_base(checked, base_model, model_class, token=token, cache_dir=cache_dir, kwargs=base_kwargs)
     return load_for_training(
         base,
-        checked.files.folder,
+        checked,  # type: ignore[arg-type]  # the bytes already read and checked
         adapter_name=adapter_name,
         dropout=dropout,
         strict=strict,
@@ -223,33 +228,40 @@ def for_training(
 
 
 def _check_adapter(
-    adapter: AdapterSource,
+    adapter: AdapterPath,
     *,
     training: bool,
     dropout: float | None,
+    strict: bool,
     allow_pickle: bool,
     revision: str | None,
     subfolder: str | None,
     token: str | bool | None,
     cache_dir: str | os.PathLike[str] | None,
-) -> _Checked:
-    """Everything the loaders check on disk, done before the base model is loaded."""
-    files, config = locate_adapter(
-        adapter,
-        allow_pickle=allow_pickle,
-        subfolder=subfolder,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
+    expected_sha256: Sha256 | None,
+    signed_by: Any,
+) -> AdapterOnDisk:
+    """Every check the loaders run without a model, done before the base model is loaded."""
+    check_dropout(dropout)
+    source = open_source(adapter, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
+    checked = read_adapter(
+        source,
+        DiskOptions(
+            allow_pickle=allow_pickle,
+            training=training,
+            strict=strict,
+            expected_sha256=expected_sha256,
+            signed_by=signed_by,
+            instead="auto.for_inference",
+        ),
     )
-    prepared_copy(config, dropout=dropout, inference_mode=not training)  # an invalid dropout raises here
-    _, header, _ = read_checked_weights(files, config, training=training, instead="auto.for_inference")
-    return _Checked(files, config, header)
+    raise_first(checked.findings)
+    return checked
 
 
 def _load_base(
-    checked: _Checked,
-    base_model: AdapterSource | None,
+    checked: AdapterOnDisk,
+    base_model: AdapterPath | None,
     model_class: Any,
     *,
     token: str | bool | None,
@@ -257,15 +269,25 @@ def _load_base(
     kwargs: dict[str, Any],
 ) -> nn.Module:
     """The base model, loaded as PEFT's ``AutoPeftModelFor*.from_pretrained`` loads it."""
-    config, folder = checked.config, checked.files.folder
+    config = checked.config
+    assert config is not None
+    where = checked.source.where(CONFIG_NAME)
+    if kwargs.get("trust_remote_code") and base_model is None:
+        raise UnsafeAdapterError(
+            f"Refusing to run the code of the base model the adapter names: trust_remote_code=True with the "
+            f"base taken from {where!r} ({config.base_model_name_or_path!r}) lets whoever wrote the adapter "
+            f"choose whose code runs — expected base_model= chosen by you — pass base_model= (the id or "
+            f"folder of the base you trust), or drop trust_remote_code=True.",
+            path=where,
+        )
     base_id = os.fspath(base_model) if base_model is not None else config.base_model_name_or_path
     if not base_id:
         raise AdapterConfigError(
-            f"Adapter config records no base model in {os.fspath(folder)!r}: expected "
-            f"'base_model_name_or_path' — pass base_model= (the id or folder of the base it was trained on).",
-            path=folder,
+            f"Adapter config records no base model in {where!r}: expected 'base_model_name_or_path' — pass "
+            f"base_model= (the id or folder of the base it was trained on).",
+            path=where,
         )
-    cls = model_class if model_class is not None else _auto_class(config, folder)
+    cls = model_class if model_class is not None else _auto_class(config, where)
     kwargs = dict(kwargs)
     if base_model is None and getattr(config, "revision", None):
         kwargs.setdefault("revision", config.revision)  # the base revision the adapter records, as PEFT
@@ -278,16 +300,16 @@ def _load_base(
     return base
 
 
-def _auto_class(config: PeftConfig, folder: Path) -> Any:
+def _auto_class(config: PeftConfig, where: str) -> Any:
     """The class PEFT's Auto classes would load the base with (transformers is imported only here)."""
     task = getattr(config.task_type, "value", config.task_type)
     if task is not None:
-        name = _TASK_CLASSES.get(str(task))
+        name = TASK_CLASSES.get(str(task))
         if name is None:
             raise AdapterConfigError(
-                f"No transformers Auto class for task_type {task!r} in {os.fspath(folder)!r}: "
-                f"expected one of {sorted(_TASK_CLASSES)} — pass model_class=.",
-                path=folder,
+                f"No transformers Auto class for task_type {task!r} in {where!r}: "
+                f"expected one of {sorted(TASK_CLASSES)} — pass model_class=.",
+                path=where,
             )
         import transformers
 
@@ -296,26 +318,23 @@ def _auto_class(config: PeftConfig, folder: Path) -> Any:
     if mapping:  # a non-transformers base (e.g. diffusers): PEFT's own import allowlist decides
         import importlib
 
-        from peft import auto as peft_auto
-
-        untyped: Any = peft_auto
-        allowlist: list[str] = untyped.get_default_import_allowlist()
         library = mapping["parent_library"]
-        if not untyped.check_import_allowlist(allowlist, library):
+        allowed, allowlist = import_allowed(library)
+        if not allowed:
             raise AdapterConfigError(
                 f"Adapter config asks to import {library!r}, which is not on PEFT's import allowlist — "
                 f"expected one of {allowlist} — pass model_class= if you trust it.",
-                path=folder,
+                path=where,
             )
         return getattr(importlib.import_module(library), mapping["base_model_class"])
     raise AdapterConfigError(
-        f"Adapter config records no task_type in {os.fspath(folder)!r}: expected e.g. 'CAUSAL_LM', "
+        f"Adapter config records no task_type in {where!r}: expected e.g. 'CAUSAL_LM', "
         f"from which the base's class follows — pass model_class= (e.g. transformers.AutoModelForCausalLM).",
-        path=folder,
+        path=where,
     )
 
 
-def _grow_embeddings(base: nn.Module, header: dict[str, HeaderEntry]) -> None:
+def _grow_embeddings(base: nn.Module, header: dict[str, TensorInfo]) -> None:
     """Resize the base's embeddings to what the adapter saved of them, when it saved more rows.
 
     An adapter trained after adding tokens saves the resized embedding (``save_embedding_layers``,
@@ -329,7 +348,7 @@ def _grow_embeddings(base: nn.Module, header: dict[str, HeaderEntry]) -> None:
     name = next((n for n, m in base.named_modules() if m is embeddings), None)
     if name is None:
         return
-    prefix = f"{_SAVED_PREFIX}{name}."
+    prefix = f"{SAVED_PREFIX}{name}."
     rows = [
         entry.shape[0]
         for key, entry in header.items()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: expected a command (demo or inspect)", file=sys.stderr)
         return EXIT_USAGE
 
+    _quiet_third_party_imports()
     try:
         return handler(args)
     except SafeLoraError as exc:
@@ -69,6 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted")
         return EXIT_INTERRUPTED
+
+
+def _quiet_third_party_imports() -> None:
+    """Keep the command's stderr for its own messages.
+
+    bitsandbytes, imported by PEFT, logs a warning at import on CPUs with AVX512-BF16 when its
+    optional ``kernels`` package is missing ("Failed to load CPU gemm_4bit_forward ..."): about 4-bit
+    matrix speed, nothing ``inspect`` or ``demo`` use. The command owns its process's logging, so it
+    raises that logger's level unless the user configured it.
+    """
+    logger = logging.getLogger("bitsandbytes")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,8 +195,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from safe_lora._config import CONFIG_NAME, trainer_checkpoints
     from safe_lora._inspect import inspect_adapter
+    from safe_lora._source import CONFIG_NAME, trainer_checkpoints
 
     target, checkpoints = args.path, []
     if args.subfolder is None and not (Path(args.path) / CONFIG_NAME).is_file():

@@ -7,8 +7,10 @@ facts as attributes (``path``, ``missing_keys``, ...) so code can react without 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -46,19 +48,40 @@ def _fmt_keys(keys: Iterable[str], limit: int = 10) -> str:
     return shown
 
 
+# Frames that are not the caller's line: safe_lora's own, and the standard library's context-manager
+# machinery between a ``with`` statement and a generator-based context manager.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CONTEXTLIB = os.path.abspath(contextlib.__file__)
+
+
+def _outside(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return not path.startswith(_PACKAGE) and path != _CONTEXTLIB
+
+
 def _user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first caller outside safe_lora.
 
-    The loaders reach their checks through different call paths, so a fixed number would blame a
-    safe_lora frame on some of them.
+    For a ``warnings.warn`` call made by the function that calls this one. The public entry points
+    reach their checks through different call paths (context managers through ``contextlib`` too),
+    so a fixed number would blame a safe_lora frame on some of them.
     """
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
     level = 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame.f_back is not None and not _outside(frame.f_code.co_filename):
         frame = frame.f_back
         level += 1
     return level
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn(message, category)`` attributed to the caller's line, not to safe_lora's code.
+
+    Every warning safe_lora emits goes through here, whatever public entry point and call path led to
+    it, so that the printed location and ``warnings.filterwarnings(..., module=...)`` name the
+    caller's file and line.
+    """
+    warnings.warn(message, category, stacklevel=_user_stacklevel())
 
 
 class SafeLoraError(Exception):

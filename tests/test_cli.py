@@ -21,6 +21,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 import safe_lora._demo as demo_module
+import safe_lora._checks as checks_module
 import safe_lora._inspect as inspect_module
 from safe_lora import AdapterNotFoundError, __version__, inspect_adapter, load_for_inference
 from safe_lora._demo import DemoReport, OutputCount, VariantResult, run_demo
@@ -159,7 +160,7 @@ INSPECT_CASES = [
         "inspect-pickle",
         1,
         ["adapter_model.bin (pickle", "not opened", "loads safely: no"],
-        ["would not load safely", "Pickle weights only", "allow_pickle"],
+        ["would not load safely", "Refusing to unpickle", "allow_pickle"],
     ),
     (
         "inspect-truncated",
@@ -266,7 +267,7 @@ def test_inspect_pickle_only_hub_repo_says_why(hub_runs: tuple[dict[str, Run], l
     run = hub_runs[0]["hub-pickle"]
     assert "adapter_model.bin (pickle" in run.stdout  # its size from the hub's listing
     assert run.stderr.startswith("safe-lora: error: ")
-    assert "Pickle weights only" in run.stderr
+    assert "Refusing to download and unpickle" in run.stderr
 
 
 # --- a Trainer output folder: the checkpoints listed, the latest inspected ----------------------------
@@ -354,10 +355,11 @@ def test_inspect_header_only_skips_the_value_scan(
 ) -> None:
     path = _prepare_folders(tmp_path)["good"]
 
-    def refuse(path: Path) -> Any:
-        raise AssertionError("--header-only must not read tensors")
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("--header-only must not scan the tensor values")
 
-    monkeypatch.setattr(inspect_module, "iter_tensors", refuse)
+    monkeypatch.setattr(checks_module, "nonfinite_keys", refuse)
+    monkeypatch.setattr(checks_module, "noop_adapter", refuse)
     assert main(["inspect", str(path), "--header-only"]) == 0
     assert "2 tensors, 40 parameters, 160 bytes (F32 x2)" in capsys.readouterr().out
 

@@ -27,17 +27,17 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safe_lora import AdapterConfigError, UnknownConfigFieldWarning, dropout_rates, load_for_inference
 from safe_lora._config import (
     CONFIG_MAX_BYTES,
-    CONFIG_MAX_DEPTH,
-    CONFIG_NAME,
     means_absent,
     nonfinite_fields,
     parse_config,
     prepared_copy,
     read_config,
     read_config_json,
-    special_file,
     wrong_types,
 )
+from safe_lora._readers import JSON_MAX_DEPTH as CONFIG_MAX_DEPTH
+from safe_lora._readers import special_file
+from safe_lora._source import CONFIG_NAME
 
 CASES = [
     (LoraConfig(lora_dropout=0.1), {"lora_dropout": 0.1}),

@@ -26,7 +26,7 @@ from peft import (
 )
 from safetensors.torch import load_file, save_file
 
-import safe_lora._inspect as inspect_module
+import safe_lora._checks as checks_module
 from safe_lora import (
     AdapterNotFoundError,
     AdapterReport,
@@ -111,13 +111,12 @@ def test_good_folder_reports_config_files_and_sizes(mlp_adapter: Path) -> None:
     assert report.errors == []
 
 
-def test_sizes_come_from_the_header_without_reading_a_tensor(
-    mlp_adapter: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def refuse(path: Path) -> Any:
-        raise AssertionError("check_values=False must not read tensors")
+def test_check_values_false_skips_the_value_scans(mlp_adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("check_values=False must not scan the tensor values")
 
-    monkeypatch.setattr(inspect_module, "iter_tensors", refuse)
+    monkeypatch.setattr(checks_module, "nonfinite_keys", refuse)
+    monkeypatch.setattr(checks_module, "noop_adapter", refuse)
     report = inspect_adapter(mlp_adapter, check_values=False)
     assert (report.tensor_count, report.parameter_count, report.tensor_bytes) == (2, 40, 160)
     assert report.loads_safely

@@ -16,7 +16,6 @@ import torch
 from conftest import MLP, assert_unchanged, make_mlp, save_adapter, snapshot, tiny_llama
 from peft import LoHaConfig, LoraConfig, PeftModel, PromptTuningConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -348,12 +347,18 @@ def test_strict_false_really_ignores_a_key_that_would_hit_a_base_weight(mlp_adap
 
 
 def test_failure_inside_peft_rolls_back(mlp_adapter: Path) -> None:
-    """A failure after injection (here: PEFT cannot place weights on a bogus device) is undone."""
+    """A failure inside PEFT's load, after the injection (here: a module's load hook raises), is undone."""
     model = make_mlp()
+
+    def boom(module: nn.Module, incompatible: object) -> None:
+        raise RuntimeError("boom inside the load")
+
+    handle = model.fc2.register_load_state_dict_post_hook(boom)
     before = snapshot(model)
-    with pytest.raises(SafetensorError, match="bogus"):
-        load_for_inference(model, mlp_adapter, torch_device="bogus")
+    with pytest.raises(AdapterWeightsError, match="boom inside the load"):
+        load_for_inference(model, mlp_adapter)
     assert_unchanged(model, before)
+    handle.remove()
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
     # and the model is still usable by a second, correct load
     assert isinstance(load_for_inference(model, mlp_adapter), PeftModel)
@@ -398,7 +403,7 @@ def test_same_base_under_another_name_does_not_warn(
         trained_on = "org/base"
         model = _named(tiny_llama(), "/models/base")
     path = save_adapter(_named(tiny_llama(), trained_on), _lora_llama(), tmp_path / "a")
-    with warnings.catch_warnings(), caplog.at_level("DEBUG", logger="safe_lora._validate"):
+    with warnings.catch_warnings(), caplog.at_level("DEBUG", logger="safe_lora._fit"):
         warnings.simplefilter("error", BaseModelMismatchWarning)
         load_for_inference(model, path)
     assert f"trained on {trained_on!r} is loaded into" in caplog.text

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from safe_lora import AdapterWeightsError, load_adapter, load_for_inference, load_for_training
-from safe_lora._loading import _protect_in_place_targets
+from safe_lora._attach import _protect_in_place_targets
 from safe_lora._rollback import Snapshot
 
 IDS = torch.tensor([[1, 5, 9, 3, 2]])

@@ -1,11 +1,11 @@
-"""_validate: the NaN/inf verdict is exact whatever the dtype, also when a sum overflows."""
+"""_checks: the NaN/inf verdict is exact whatever the dtype, also when a sum overflows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from safe_lora._validate import nonfinite_keys
+from safe_lora._checks import nonfinite_keys
 
 
 def _tensor(values: list[float], dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,766 @@
+"""Attach an adapter to a model: inject on the meta device, check, then allocate; undo on any failure.
+
+One load, in the order that keeps a hostile file cheap and the caller's model safe:
+
+1. **Inject on the meta device.** Every parameter and buffer of the model is swapped for a meta twin
+   (:class:`~safe_lora._meta.MetaTwins`) and PEFT's own injection runs inside ``torch.device("meta")``:
+   the real module tree gets PEFT's adapter layers, but nothing is allocated and no value is read or
+   written -- whatever size the config claims. PEFT's ``get_peft_model_state_dict`` then says which
+   keys, shapes and dtypes the adapter has, and :func:`safe_lora._fit.fit_findings` compares them with
+   the weights file. A disagreement is refused here, in milliseconds.
+2. **Allocate what the file fills.** The real tensors go back, every adapter tensor is created empty
+   (no random initialisation to overwrite, and the caller's RNG untouched), given the device and dtype
+   PEFT's default path gives (``_move_adapter_to_device_of_base_layer``, ``_cast_adapter_dtype``), and
+   PEFT's ``set_peft_model_state_dict`` copies the file in -- each key checked before it lands.
+3. **Or PEFT's default path.** When the file does not fill every tensor the injection made (a missing
+   key with ``strict=False``, an init that rewrites the base weights, tensors PEFT derives at
+   injection), the injection is undone and PEFT's own default path runs: inject, initialise, load.
+
+Either way the result is bit-identical to ``PeftModel.from_pretrained``'s, and every failure --
+ours, PEFT's, or a ``KeyboardInterrupt`` -- is undone by the caller's :class:`~safe_lora._rollback.Snapshot`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+from torch import nn
+
+from safe_lora._checks import AdapterOnDisk, Finding, raise_first
+from safe_lora._fit import Expected, expected_state, fit_findings
+from safe_lora._meta import MetaTwins, shielded
+from safe_lora._patterns import resolve_patterns
+from safe_lora._peft import (
+    INJECTION_MODES,
+    STRUCTURAL_RATES,
+    BaseTunerLayer,
+    InjectionMode,
+    all_linear_targets,
+    cast_adapter_dtype,
+    check_new_adapter_config,
+    check_target_module_exists,
+    complete_deferred,
+    intercept_load_state_dict,
+    loading_context,
+    module_names_matched,
+    move_adapter_to_base_device,
+    peft_model_class,
+    peft_type_name,
+    remap_keys,
+    rewrites_base,
+    shapes_config,
+)
+from safe_lora._rollback import Snapshot, holds_quantized
+from safe_lora._source import CONFIG_NAME
+from safe_lora._unwrap import base_of
+from safe_lora.errors import AdapterConfigError, AdapterWeightsError, _fmt_keys
+
+__all__ = ["AttachOptions", "Injected", "attach", "inject_checked"]
+
+
+@dataclass
+class AttachOptions:
+    """How PEFT is asked to load: ``PeftModel.from_pretrained``'s keywords that reach the load.
+
+    Attributes:
+        low_cpu_mem_usage: PEFT's assign path (tensors created on meta, the file's assigned).
+        autocast_adapter_dtype: Upcast half-precision adapter tensors to float32 (PEFT's default).
+        key_mapping: Renames of the file's keys (``load_peft_weights(key_mapping=...)``).
+        torch_device: The device the file's tensors are read to before they are copied in.
+        dispatch: ``device_map`` / ``max_memory`` / ``offload_*``: handed to PEFT's ``load_adapter``.
+    """
+
+    low_cpu_mem_usage: bool = False
+    autocast_adapter_dtype: bool = True
+    key_mapping: dict[str, str] | None = None
+    torch_device: str | None = None
+    dispatch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Injected:
+    """An adapter injected on the meta device and checked against the file; nothing allocated yet.
+
+    Attributes:
+        peft_model: The model with the adapter's layers, its tensors still on the meta device.
+        twins: The meta twins standing in for the model's real tensors (``None`` in ``real-base`` mode).
+        expected: What the adapter's state dict holds (keys, shapes, dtypes), by PEFT.
+        findings: What the check against the model found (warnings only: errors were raised).
+        warnings: What PEFT warned while injecting, to replay once the load succeeded.
+        mode: How the injection ran (see :data:`safe_lora._peft.INJECTION_MODES`).
+        deferred: Module paths (``"<path>."``) of structure PEFT builds later (MonteCLoRA's sampler).
+    """
+
+    peft_model: PeftModel
+    twins: MetaTwins | None
+    expected: Expected
+    findings: list[Finding]
+    warnings: list[warnings.WarningMessage]
+    mode: InjectionMode
+    deferred: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 1: inject on the meta device and check
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_for_model(config: PeftConfig, model: nn.Module, *, where: str) -> PeftConfig:
+    """``config`` with its regular-expression fields decided, under a time bound, over the module names
+    PEFT will match on ``model`` (see :mod:`safe_lora._patterns`).
+
+    Raises:
+        AdapterConfigError: A pattern is invalid or does not finish in time.
+    """
+    return resolve_patterns(config, module_names_matched(base_of(model), config), where=where)
+
+
+def inject_checked(
+    target: nn.Module,
+    adapter: AdapterOnDisk,
+    config: PeftConfig,
+    *,
+    name: str,
+    training: bool,
+    strict: bool,
+    options: AttachOptions,
+    snapshot: Snapshot,
+) -> Injected:
+    """Inject ``config`` into ``target`` with every tensor on the meta device and check the result
+    against the weights file; raise the first refusal.
+
+    ``target`` is a base model (a ``PeftModel`` is built around it, as ``from_pretrained`` does) or a
+    ``PeftModel`` (the adapter is added, as ``load_adapter`` does). The caller holds ``snapshot``
+    and restores it on any exception.
+
+    Raises:
+        AdapterConfigError: PEFT cannot apply the config to this model.
+        AdapterWeightsError: The file's keys, shapes or dtypes do not fit what PEFT creates.
+    """
+    where = adapter.source.where(CONFIG_NAME)
+    header = _compared_header(target, adapter, config, options)
+    findings: list[Finding] = []
+    # The strictest way the tuner's injection can run (see INJECTION_MODES); when PEFT fails there, a
+    # less strict one: a meta-only failure (a value read, an op without a meta kernel) then succeeds,
+    # while a config PEFT refuses fails in every mode, with PEFT's own error.
+    modes: list[InjectionMode] = ["meta", "meta-params", "real-base"]
+    first = INJECTION_MODES.get(peft_type_name(config), "meta")
+    failure: Exception | None = None
+    for mode in modes[modes.index(first) :]:
+        if mode == "real-base":
+            _protect_in_place_targets(target, config, snapshot)
+        twins = MetaTwins(target) if mode != "real-base" else None
+        try:
+            with _recorded_warnings() as recorded:
+                try:
+                    with torch.device("meta") if mode == "meta" else nullcontext():
+                        peft_model = _inject(
+                            target,
+                            copy.deepcopy(shapes_config(config)),
+                            name,
+                            training=training,
+                            low_cpu=mode != "meta",
+                            options=options,
+                        )
+                    deferred = tuple(f"{prefix}." for prefix in complete_deferred(peft_model, name))
+                    expected = expected_state(peft_model, name, file_keys=set(header))
+                    expected.deferred = {k for k in header if deferred and k.startswith(deferred)}
+                except Exception as exc:  # PEFT raises ValueError/TypeError/KeyError/RuntimeError/...
+                    failure = exc
+                    if twins is not None:
+                        twins.restore(target)
+                    snapshot.restore()
+                    continue
+            findings += fit_findings(
+                header, expected, where=adapter.weights_path, strict=strict, vocab_size=_vocab(target)
+            )
+            raise_first(findings)
+        except BaseException:
+            # The snapshot restores the modules it captured; the twins may also sit in modules it
+            # only sealed (the adapters loaded before), so they are put back first, everywhere.
+            if twins is not None:
+                twins.restore(target)
+            raise
+        return Injected(peft_model, twins, expected, findings, recorded, mode, deferred)
+    assert failure is not None
+    base = base_of(target)
+    raise AdapterConfigError(
+        f"Adapter config does not fit this model in {where!r}: {type(failure).__name__}: {failure} — expected "
+        f"a config PEFT can apply to {type(base).__name__} (target modules that exist in it, valid field "
+        f"values) — check that this adapter was trained on this base model architecture, or fix the "
+        f"config (e.g. 'target_modules').",
+        path=where,
+    ) from failure
+
+
+def _vocab(model: nn.Module) -> int | None:
+    get = getattr(base_of(model), "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except Exception:  # a model without a text embedding
+        return None
+    return embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else None
+
+
+def _key_mapping(target: nn.Module, config: PeftConfig, options: AttachOptions) -> dict[str, str]:
+    if options.key_mapping is not None:
+        return dict(options.key_mapping)
+    if config.is_prompt_learning:
+        return {}
+    # What PeftModel.from_pretrained passes for models whose checkpoints were renamed by transformers.
+    return dict(getattr(base_of(target), "_checkpoint_conversion_mapping", None) or {})
+
+
+def _compared_header(
+    target: nn.Module, adapter: AdapterOnDisk, config: PeftConfig, options: AttachOptions
+) -> dict[str, Any]:
+    """The file's header under the keys PEFT will load them as (a key mapping applied)."""
+    mapping = _key_mapping(target, config, options)
+    if not mapping:
+        return dict(adapter.header)
+    renamed, unprefixed = remap_keys(adapter.header, mapping)  # type: ignore[arg-type]
+    if unprefixed:
+        raise AdapterWeightsError(
+            f"Adapter weights cannot be renamed by key_mapping= in {adapter.weights_path!r}: "
+            f"{_fmt_keys(unprefixed)} start with neither 'base_model.model.' nor 'base_model.' — expected "
+            f"the keys save_pretrained writes — re-save the adapter, or drop key_mapping=.",
+            path=adapter.weights_path,
+            unexpected_keys=unprefixed,
+        )
+    return renamed
+
+
+def _inject(
+    target: nn.Module, config: PeftConfig, name: str, *, training: bool, low_cpu: bool, options: AttachOptions
+) -> PeftModel:
+    """Build the ``PeftModel`` (or add the adapter) exactly as PEFT's loading entry points do."""
+    if isinstance(target, PeftModel):
+        check_new_adapter_config(target, config, training=training)
+        target.add_adapter(
+            name, config, low_cpu_mem_usage=low_cpu, autocast_adapter_dtype=options.autocast_adapter_dtype
+        )
+        if training:
+            target.set_requires_grad(name)
+        return target
+    cls = peft_model_class(config)  # the same class choice as PeftModel.from_pretrained
+    return cls(
+        target, config, name, autocast_adapter_dtype=options.autocast_adapter_dtype, low_cpu_mem_usage=low_cpu
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps 2 and 3: allocate and load
+# --------------------------------------------------------------------------------------------------
+
+
+def attach(
+    target: nn.Module,
+    adapter: AdapterOnDisk,
+    config: PeftConfig,
+    *,
+    name: str,
+    training: bool,
+    strict: bool,
+    options: AttachOptions,
+    snapshot: Snapshot,
+    rates_after_load: Mapping[str, float] | None = None,
+) -> tuple[PeftModel, list[Finding]]:
+    """Load ``adapter`` into ``target`` (a base model or a ``PeftModel``) under ``snapshot``.
+
+    ``config`` is the prepared copy (:func:`prepare_for_model`); ``rates_after_load`` are the
+    structural dropout rates set on the built modules instead (X-LoRA's classifier). ``snapshot`` was
+    taken of ``target`` as it is now (for a second adapter of one load: a snapshot with the first
+    one's as ``outer``): between attempts the load is undone to it, and "a tensor this load created"
+    means one it does not know.
+
+    Returns:
+        ``(peft_model, findings)``: the model, and the warnings found (a base-model mismatch, keys left
+        out with ``strict=False``) for the caller to emit.
+
+    Raises:
+        AdapterConfigError, AdapterWeightsError: The adapter does not fit; the caller restores
+            ``snapshot``.
+    """
+    assert adapter.weights is not None
+    # What a load may write in place (quantized target weights, inits that rewrite the base) is backed
+    # up first, on the structure as it is, whichever path then loads it.
+    _protect_in_place_targets(target, config, snapshot)
+    with torch.random.fork_rng(devices=_rng_devices()):
+        injected = inject_checked(
+            target,
+            adapter,
+            config,
+            name=name,
+            training=training,
+            strict=strict,
+            options=options,
+            snapshot=snapshot,
+        )
+        tensors = _tensors(adapter, options)
+        # The real tensors go back before anything else: the snapshot restores only the modules it
+        # captured, and the twins may also sit in the adapters loaded before (which it only seals).
+        written = injected.twins.written() if injected.twins is not None else []
+        if injected.twins is not None:
+            injected.twins.restore(injected.peft_model)
+        loaded = None
+        fast = (
+            injected.mode == "meta"
+            and not options.low_cpu_mem_usage
+            and not options.dispatch
+            and not rewrites_base(config)
+            and not written  # an init computed new base weights while the twins stood in
+            and not injected.deferred  # PEFT would build it at the first forward, afresh
+            and getattr(base_of(target), "hf_device_map", None) is None
+        )
+        if fast:
+            loaded = _load_materialized(
+                injected, adapter, tensors, name=name, strict=strict, options=options, snapshot=snapshot
+            )
+        if loaded is None:
+            snapshot.restore()
+            loaded = _load_default(
+                target,
+                adapter,
+                config,
+                tensors,
+                expected=injected.expected,
+                deferred=injected.deferred,
+                name=name,
+                training=training,
+                strict=strict,
+                options=options,
+                snapshot=snapshot,
+            )
+    peft_model, replay, dropped = loaded
+    _set_rates_after_load(peft_model, name, rates_after_load or {})
+    for w in replay:
+        if not str(w.message).startswith(_OWN_WARNINGS):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    findings = [f for f in injected.findings if f.severity == "warning" and f.code != "keys-partial"]
+    expected = injected.expected
+    missing = sorted(set(expected.shapes) - set(adapter.header))
+    unexpected = sorted(set(dropped) | {k for k in adapter.header if not expected.known(k)})
+    if not strict and (missing or unexpected):
+        findings.append(
+            Finding(
+                "warning",
+                "keys-partial",
+                f"Loaded adapter {name!r} from {adapter.source.label} with strict=False: missing keys (left at "
+                f"their initial values): [{_fmt_keys(missing)}]; unexpected keys (ignored): "
+                f"[{_fmt_keys(unexpected)}].",
+                tuple(missing + unexpected),
+                warning=UserWarning,
+            )
+        )
+    return peft_model, findings
+
+
+def _rng_devices() -> list[int]:
+    # The CUDA generators too, when CUDA is in use: PEFT's default path initialises on the adapter's
+    # device. Asking for them without CUDA initialised would initialise it.
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def _tensors(adapter: AdapterOnDisk, options: AttachOptions) -> dict[str, torch.Tensor]:
+    assert adapter.weights is not None
+    tensors = adapter.weights.tensors
+    if options.key_mapping:
+        tensors, _ = remap_keys(tensors, options.key_mapping)
+    if options.torch_device is not None:
+        # What load_peft_weights(device=...) does: read the file to that device first.
+        tensors = {k: v.to(options.torch_device) for k, v in tensors.items()}
+    return tensors
+
+
+_Loaded = tuple[PeftModel, list[warnings.WarningMessage], list[str]]
+
+
+def _load_materialized(
+    injected: Injected,
+    adapter: AdapterOnDisk,
+    tensors: dict[str, torch.Tensor],
+    *,
+    name: str,
+    strict: bool,
+    options: AttachOptions,
+    snapshot: Snapshot,
+) -> _Loaded | None:
+    """Step 2: adapter tensors allocated empty (the real ones are back), the file copied in. ``None``
+    when the file does not fill every tensor the injection made: then only PEFT's own path gives PEFT's
+    values."""
+    peft_model, expected = injected.peft_model, injected.expected
+    made: dict[int, torch.Tensor] = {}  # a tensor two layers share is made once
+    for holder, slot, key, tensor in list(snapshot.new_tensors()):
+        if tensor.device.type != "meta":
+            return None  # made by the injection from real values: PEFT's path must make it
+        real = made.get(id(tensor))
+        if real is None:
+            empty = torch.empty(tensor.shape, dtype=tensor.dtype)
+            if isinstance(tensor, nn.Parameter):
+                real = torch.Tensor._make_subclass(type(tensor), empty, tensor.requires_grad)
+                if vars(tensor):
+                    vars(real).update(vars(tensor))
+            else:
+                real = empty
+            made[id(tensor)] = real
+        getattr(holder, slot)[key] = real
+    if _meta_left(peft_model, snapshot):
+        return None
+    with _recorded_warnings() as recorded:
+        # What PEFT's default path does after creating the tensors, on the empty ones.
+        move_adapter_to_base_device(peft_model, name)
+        cast_adapter_dtype(peft_model, name, autocast=options.autocast_adapter_dtype)
+        with (
+            loading_context(peft_model, name),
+            shielded(peft_model, holds_quantized) as unshield,
+            _guarded_load(
+                peft_model,
+                adapter,
+                tensors,
+                snapshot,
+                refuse_stray=strict,
+                expected=expected,
+                before=unshield,
+            ) as report,
+        ):
+            set_peft_model_state_dict(peft_model, tensors, adapter_name=name)
+    unfilled = [t for _, _, _, t in snapshot.new_tensors() if id(t) not in report.loaded_ids]
+    # Keys PEFT saves along and ignores when loading (an embedding wrapper's duplicates) may land
+    # nowhere; a key of the adapter's own, or of structure PEFT builds later, may not.
+    nowhere = [k for k in report.nowhere if k not in expected.optional]
+    if unfilled or nowhere or report.calls != 1:
+        return None  # a tensor left empty, or a key for structure PEFT builds later (MonteCLoRA)
+    return peft_model, [*injected.warnings, *recorded], report.dropped
+
+
+def _meta_left(peft_model: nn.Module, snapshot: Snapshot) -> bool:
+    """Whether any tensor the injection made is still on the meta device: a parameter or buffer, or a
+    tensor a new layer keeps in a plain attribute (FourierFT's indices)."""
+    for module in snapshot.new_modules():
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else (value,)
+            if any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in items):
+                return True
+    return any(t.device.type == "meta" for t in (*peft_model.parameters(), *peft_model.buffers()))
+
+
+def _load_default(
+    target: nn.Module,
+    adapter: AdapterOnDisk,
+    config: PeftConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    expected: Expected,
+    deferred: tuple[str, ...] = (),
+    name: str,
+    training: bool,
+    strict: bool,
+    options: AttachOptions,
+    snapshot: Snapshot,
+) -> _Loaded:
+    """Step 3: PEFT's own path, as ``PeftModel.from_pretrained`` runs it, every key guarded."""
+    _protect_in_place_targets(target, config, snapshot)
+    with _recorded_warnings() as recorded:
+        peft_model = _inject(
+            target,
+            copy.deepcopy(config),
+            name,
+            training=training,
+            low_cpu=options.low_cpu_mem_usage,
+            options=options,
+        )
+        if options.dispatch or getattr(base_of(peft_model), "hf_device_map", None) is not None:
+            _load_dispatched(peft_model, adapter, name=name, training=training, options=options)
+            return peft_model, recorded, []
+        with (
+            loading_context(peft_model, name),
+            shielded(peft_model, holds_quantized) as unshield,
+            _guarded_load(
+                peft_model,
+                adapter,
+                tensors,
+                snapshot,
+                refuse_stray=strict,
+                expected=expected,
+                before=unshield,
+            ) as report,
+        ):
+            set_peft_model_state_dict(
+                peft_model, tensors, adapter_name=name, low_cpu_mem_usage=options.low_cpu_mem_usage
+            )
+        cast_adapter_dtype(peft_model, name, autocast=options.autocast_adapter_dtype)
+        # Prompt learning's state is loaded into the prompt encoder apart from load_state_dict
+        # (set_peft_model_state_dict, _load_adapter_state_dict): its keys name no tensor there.
+        nowhere = (
+            [] if config.is_prompt_learning else [k for k in report.nowhere if k not in expected.optional]
+        )
+        if nowhere and strict:
+            # Keys for which PEFT built nothing (MonteCLoRA's sampler on PEFT's low_cpu_mem_usage
+            # path): PEFT would drop them silently.
+            raise AdapterWeightsError(
+                f"Adapter weights do not match the config in {adapter.weights_path!r}: "
+                f"{len(nowhere)} unexpected key(s) nothing consumes: {_fmt_keys(nowhere)} — a "
+                f"partial load silently does less than it should — load it without low_cpu_mem_usage=True, or "
+                f"pass strict=False to load what fits with a warning.",
+                path=adapter.weights_path,
+                unexpected_keys=nowhere,
+            )
+        if deferred and strict:
+            _refuse_missing_deferred(peft_model, adapter, name, deferred)
+        if options.low_cpu_mem_usage:
+            _refuse_meta(peft_model, adapter, name)
+    return peft_model, recorded, [*report.dropped, *nowhere]
+
+
+def _refuse_missing_deferred(
+    peft_model: PeftModel, adapter: AdapterOnDisk, name: str, deferred: tuple[str, ...]
+) -> None:
+    """The file must hold the tensors of the structure PEFT built late (their keys are known only now)."""
+    marker = f".{name}."
+    built = {
+        key.replace(marker, ".", 1)
+        for key, _ in (*peft_model.named_parameters(), *peft_model.named_buffers())
+        if key.startswith(deferred) and marker in key
+    }
+    missing = sorted(built - set(adapter.header))
+    if missing:
+        raise AdapterWeightsError(
+            f"Adapter weights do not match the config in {adapter.weights_path!r}: missing {len(missing)} key(s) "
+            f"the config's targets expect: {_fmt_keys(missing)} — a partial adapter silently does less than it "
+            f"should (the config enables a variant the weights were not saved with) — re-save the adapter, or "
+            f"fix the config.",
+            path=adapter.weights_path,
+            missing_keys=missing,
+        )
+
+
+def _load_dispatched(
+    peft_model: PeftModel, adapter: AdapterOnDisk, *, name: str, training: bool, options: AttachOptions
+) -> None:
+    """Device maps and offloading: PEFT's ``load_adapter`` places the weights. It reads a folder, so it
+    gets a private copy of the very bytes that were checked -- never the original files again."""
+    folder = Path(tempfile.mkdtemp(prefix="safe-lora-"))
+    try:
+        for file_name, file in adapter.files.items():
+            (folder / file_name).write_bytes(file.data)
+        kwargs: dict[str, Any] = dict(options.dispatch)
+        if options.key_mapping:
+            kwargs["key_mapping"] = options.key_mapping
+        if options.torch_device is not None:
+            kwargs["torch_device"] = options.torch_device
+        peft_model.load_adapter(
+            os.fspath(folder),
+            name,
+            is_trainable=training,
+            low_cpu_mem_usage=options.low_cpu_mem_usage,
+            autocast_adapter_dtype=options.autocast_adapter_dtype,
+            **kwargs,
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _refuse_meta(peft_model: PeftModel, adapter: AdapterOnDisk, name: str) -> None:
+    """With ``low_cpu_mem_usage=True`` PEFT creates tensors on the meta device and some code paths
+    never give them storage (layer replication, 8-bit DoRA, X-LoRA's classifier): such a model
+    loads "fine" and fails at its first forward. Refuse it instead."""
+    left = sorted(
+        n
+        for n, tensor in (*peft_model.named_parameters(), *peft_model.named_buffers())
+        if tensor.device.type == "meta"
+    )
+    if left:
+        where = adapter.source.label
+        raise AdapterConfigError(
+            f"Adapter {name!r} from {where} did not load with low_cpu_mem_usage=True: PEFT left {len(left)} "
+            f"tensor(s) on the meta device ({_fmt_keys(left)}) — expected every tensor to hold the file's or "
+            f"the base's values — load it without low_cpu_mem_usage=True.",
+            path=adapter.source.where(CONFIG_NAME),
+        )
+
+
+def _set_rates_after_load(peft_model: PeftModel, name: str, wanted: Mapping[str, float]) -> None:
+    """Give the Dropout modules of a structural rate (X-LoRA's classifier) the rate asked for."""
+    for field_name, rate in wanted.items():
+        holder = getattr(peft_model.base_model, STRUCTURAL_RATES[field_name], None)
+        if isinstance(holder, nn.Module):
+            for module in holder.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = rate
+        setattr(peft_model.peft_config[name], field_name, rate)
+
+
+# --------------------------------------------------------------------------------------------------
+# What PEFT may write in place, and what it warns
+# --------------------------------------------------------------------------------------------------
+
+
+def _targets(model: nn.Module, config: PeftConfig) -> list[nn.Module]:
+    """The modules PEFT will adapt for ``config``, by PEFT's own matching; every module if unsure."""
+    inner = base_of(model)
+    modules = [(k, m) for k, m in inner.named_modules() if k and not isinstance(m, BaseTunerLayer)]
+    try:
+        probe = all_linear_targets(config, inner)
+        parameters = tuple(getattr(probe, "target_parameters", None) or ())
+        if getattr(probe, "target_modules", None) is None and not parameters:
+            return [m for _, m in modules]  # PEFT picks defaults per architecture: be generous
+        return [
+            module
+            for key, module in modules
+            if check_target_module_exists(probe, key)
+            or any(f"{key}.{name}".endswith(parameters) for name in module._parameters)
+        ]
+    except Exception:  # an unusual config PEFT will judge itself: protect everything
+        return [m for _, m in modules]
+
+
+def _protect_in_place_targets(model: nn.Module, config: PeftConfig, snapshot: Snapshot) -> None:
+    """Back up the values of the tensors the injection may write in place -- and only those.
+
+    A plain LoRA on a float base writes no existing tensor, so nothing is copied. A base-rewriting
+    init writes its targets' weights; quantized weights are rebuilt by several PEFT code paths.
+    """
+    rewrites = rewrites_base(config)
+    if not (rewrites or snapshot.quantized):
+        return  # the common load: nothing to copy, and no need to match targets
+    for module in _targets(model, config):
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and (rewrites or holds_quantized(tensor)):
+                snapshot.backup(tensor)
+
+
+# PEFT warnings that safe_lora replaces by its own refusal or warning (never shown twice).
+_OWN_WARNINGS = ("Found missing adapter keys",)
+
+
+@contextmanager
+def _recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record what PEFT warns while it works; the caller replays it once the load succeeded.
+
+    A refused load raises one typed error instead of a trail of PEFT's warnings about a model that no
+    longer exists. The caller's filters decide what is recorded, as they would decide what PEFT shows:
+    forcing "always" here would also make Python read the source file of every warning PEFT (or
+    transformers) raises into its line cache, megabytes that stay.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        yield caught
+
+
+class _Misfit(Exception):
+    """A file key would land where it must not, or does not fit, before anything is written."""
+
+    def __init__(self, landed: list[str], wrong_dtype: list[str], mismatched: list[str]) -> None:
+        super().__init__("misfit")
+        self.landed = landed
+        self.wrong_dtype = wrong_dtype
+        self.mismatched = mismatched
+
+
+@dataclass
+class _LoadReport:
+    """What the guarded ``load_state_dict`` saw."""
+
+    dropped: list[str] = field(default_factory=list)  # file keys left out (strict=False)
+    nowhere: list[str] = field(default_factory=list)  # file keys that name no tensor of the model
+    loaded_ids: set[int] = field(default_factory=set)
+    calls: int = 0
+
+
+@contextmanager
+def _guarded_load(
+    peft_model: PeftModel,
+    adapter: AdapterOnDisk,
+    tensors: Mapping[str, torch.Tensor],
+    snapshot: Snapshot,
+    *,
+    refuse_stray: bool,
+    expected: Expected,
+    before: Callable[[], None] = lambda: None,
+) -> Iterator[_LoadReport]:
+    """Check every key PEFT is about to load, before the first value moves.
+
+    PEFT's ``set_peft_model_state_dict`` remaps the file's keys and calls ``load_state_dict`` on the
+    ``PeftModel`` once (:func:`safe_lora._peft.intercept_load_state_dict`). A key may only land in a
+    tensor this load created -- or in an existing one PEFT saves on purpose (a bias with
+    ``bias="all"``, a resized embedding), whose values are backed up first. Anything else (a key that
+    would overwrite a base weight, say) is refused, or left out with ``strict=False``; shapes and
+    integer-vs-float dtypes must fit. ``before`` runs first, when PEFT calls ``load_state_dict``.
+    """
+    report = _LoadReport()
+    file_key = {id(v): k for k, v in tensors.items()}
+    original = peft_model.load_state_dict
+    # Keys PEFT saves on purpose for tensors that existed before (a bias with bias="all", embedding
+    # layers saved whole), as the injection on the meta device found them: asking the real model
+    # would walk its state_dict(), which re-packs bitsandbytes weights in place.
+    optional = set(expected.shapes) | expected.optional
+
+    def load_state_dict(state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        before()  # e.g. the real quantized weights back, shielded from the key-mapping walk
+        report.calls += 1
+        keep: dict[str, Any] = {}
+        landed, wrong_dtype, mismatched = [], [], []
+        unplaced: list[str] = []
+        placed: set[str] = set()
+        for key, value in state_dict.items():
+            tensor, new = snapshot.resolve(peft_model, key)
+            shown = file_key.get(id(value), key)
+            if tensor is None:
+                keep[key] = value  # nothing there: PEFT's result reports it as unexpected
+                if id(value) in file_key:  # a key PEFT's conversions made up is not the file's
+                    unplaced.append(shown)
+                continue
+            if not new:
+                if shown not in optional:
+                    landed.append(shown)
+                    continue
+                snapshot.backup(tensor)
+            elif isinstance(value, torch.Tensor):
+                if value.is_floating_point() != tensor.is_floating_point() and tensor.device.type != "meta":
+                    wrong_dtype.append(shown)
+                    continue
+                if tuple(value.shape) != tuple(tensor.shape):
+                    mismatched.append(shown)
+                    continue
+            keep[key] = value
+            report.loaded_ids.add(id(tensor))
+            placed.add(shown)
+        # A file's tensor that lands under no key at all. (PEFT's transformers conversion also makes
+        # up keys of its own -- lm_head.weight again as lm_head.modules_to_save.weight -- that name
+        # nothing and that PEFT ignores; they are not the file's.)
+        report.nowhere.extend(shown for shown in unplaced if shown not in placed)
+        if wrong_dtype or mismatched or (landed and refuse_stray):
+            raise _Misfit(landed, wrong_dtype, mismatched)
+        report.dropped.extend(landed)
+        return original(keep, strict=strict, assign=assign)
+
+    try:
+        with intercept_load_state_dict(peft_model, load_state_dict):
+            yield report
+    except _Misfit as misfit:
+        keys = sorted(misfit.landed + misfit.wrong_dtype + misfit.mismatched)
+        raise AdapterWeightsError(
+            f"Adapter weights do not fit this model in {adapter.weights_path!r}: {_fmt_keys(keys)} would land in "
+            f"tensors the adapter does not own, or do not fit them — re-save the adapter with save_pretrained.",
+            path=adapter.weights_path,
+            unexpected_keys=misfit.landed,
+            wrong_dtypes={k: "?" for k in misfit.wrong_dtype},
+        ) from misfit
+    except (RuntimeError, KeyError) as exc:
+        # PEFT could not place a file key (a modules_to_save weight missing from the file, a shape
+        # torch refuses).
+        raise AdapterWeightsError(
+            f"Adapter weights could not be loaded from {adapter.weights_path!r}: {type(exc).__name__}: {exc} — "
+            f"re-save the adapter with save_pretrained, or load it into the base model it was trained on.",
+            path=adapter.weights_path,
+        ) from exc

@@ -1,0 +1,183 @@
+"""Stand-ins on the meta device: what PEFT's injection needs to see of a model, without its values.
+
+A tensor on the meta device has a shape, a dtype and ``requires_grad``, and no storage: operations on
+it cost nothing and allocate nothing. Two tools build on that:
+
+* :class:`MetaTwins` swaps every parameter and buffer of a model, in place, for a *twin* on the meta
+  device (same class, shape, dtype, ``requires_grad`` and own attributes). PEFT's injection then runs
+  on the real module tree -- the same code and the same structure as a real load -- while no
+  computation can touch, and no allocation can be sized by, anything but shapes.
+  :meth:`MetaTwins.restore` puts the real tensors back wherever a twin sits, also in modules the
+  injection created around them.
+* :func:`skeleton` builds a structural copy of a model whose tensors are all twins, for questions
+  that need the structure but must leave the model itself alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MetaTwins", "shielded", "skeleton", "twin_of"]
+
+
+def twin_of(tensor: torch.Tensor, *, plain: bool = False) -> torch.Tensor:
+    """A tensor on the meta device that stands for ``tensor``: same class (``nn.Parameter`` and its
+    subclasses, e.g. bitsandbytes' ``Params4bit``), shape, dtype, ``requires_grad`` and attributes.
+
+    Attribute values are shallow copies (tensors among them shared): bitsandbytes rebinds fields of a
+    weight's ``quant_state`` when its layer is saved, which must not reach the real weight's state.
+    ``plain=True`` makes a plain ``nn.Parameter`` without attributes (when only names and shapes
+    matter: a bitsandbytes parameter cannot be deep-copied on the meta device).
+
+    Example:
+        >>> twin_of(nn.Parameter(torch.ones(2, 3))).device
+        device(type='meta')
+    """
+    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    twin: torch.Tensor
+    if isinstance(tensor, nn.Parameter):
+        cls = nn.Parameter if plain else type(tensor)
+        twin = torch.Tensor._make_subclass(cls, empty, tensor.requires_grad)
+    else:
+        twin = empty
+    if plain:
+        return twin
+    own = vars(tensor)
+    if own:
+        vars(twin).update({k: v if isinstance(v, torch.Tensor) else copy.copy(v) for k, v in own.items()})
+    return twin
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return int(tensor.untyped_storage()._cdata)
+
+
+class MetaTwins:
+    """Every parameter and buffer of ``model`` swapped, in place, for its meta twin.
+
+    A tensor two modules share (tied embeddings) gets one twin, shared the same way.
+
+    Args:
+        model: The model whose tensors to swap.
+        only: Swap only the tensors this accepts (default: all).
+
+    Example:
+        >>> twins = MetaTwins(model)  # doctest: +SKIP
+        >>> ...  # PEFT injects into model: shapes only
+        >>> twins.restore(model)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, *, only: Callable[[torch.Tensor], bool] | None = None) -> None:
+        # twin id -> (real tensor, twin, the twin's storage and version when made)
+        self._real: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        made: dict[int, torch.Tensor] = {}
+        for module in model.modules():
+            for slot in (module._parameters, module._buffers):
+                for name, tensor in slot.items():
+                    if tensor is None or tensor.device.type == "meta" or (only is not None and not only(tensor)):
+                        continue
+                    twin = made.get(id(tensor))
+                    if twin is None:
+                        twin = twin_of(tensor)
+                        made[id(tensor)] = twin
+                        self._real[id(twin)] = (tensor, twin, _storage_key(twin), twin._version)
+                    slot[name] = twin
+
+    def is_twin(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is one of the twins."""
+        return id(tensor) in self._real
+
+    def written(self) -> list[torch.Tensor]:
+        """The real tensors whose twins were written while they stood in: in place (a version bump) or
+        by swapping their storage (``weight.data = ...``), as inits that rewrite the base weights do."""
+        return [
+            real
+            for real, twin, storage, version in self._real.values()
+            if twin._version != version or _storage_key(twin) != storage
+        ]
+
+    def restore(self, model: nn.Module) -> None:
+        """Put the real tensors back wherever a twin sits in ``model``, with the ``requires_grad`` the
+        twin ended with (PEFT freezes the base weights while injecting)."""
+        for module in model.modules():
+            for slot in (module._parameters, module._buffers):
+                for name, tensor in slot.items():
+                    entry = self._real.get(id(tensor)) if tensor is not None else None
+                    if entry is None:
+                        continue
+                    real, twin = entry[0], entry[1]
+                    if isinstance(real, nn.Parameter) and real.requires_grad is not twin.requires_grad:
+                        real.requires_grad_(twin.requires_grad)
+                    slot[name] = real
+
+
+@contextmanager
+def shielded(model: nn.Module, tensors: Callable[[torch.Tensor], bool]) -> Iterator[Callable[[], None]]:
+    """Stand meta twins in for the ``tensors`` of ``model`` during the block; the real ones are back after.
+
+    For code that reads a model's ``state_dict()`` but must not change what it reads: bitsandbytes'
+    4-bit layers on CPUs with AVX512-BF16 re-pack their weight at the first forward, and their
+    ``state_dict()`` unpacks it again, in place and lossily (every later forward differs) -- and PEFT's
+    ``set_peft_model_state_dict`` walks ``model.state_dict()`` to map the file's keys.
+
+    Yields:
+        A function that puts the real tensors back early (idempotent): before anything that must see
+        them, e.g. the ``load_state_dict`` that follows the walk.
+    """
+    twins = MetaTwins(model, only=tensors)
+    try:
+        yield lambda: twins.restore(model)
+    finally:
+        twins.restore(model)
+
+
+def skeleton(model: nn.Module, *, plain: bool = False) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are meta twins.
+
+    Every module is a new object of the same class with a shallow copy of the original's attributes
+    (one level of its dicts, lists and sets copied, so that adding to them leaves the original
+    alone); submodules and tensors shared within ``model`` stay shared within the copy. Nothing is
+    allocated but Python objects; ``model`` is not changed. ``plain`` as for :func:`twin_of`.
+
+    Example:
+        >>> copy_ = skeleton(model)  # doctest: +SKIP
+        >>> next(copy_.parameters()).device
+        device(type='meta')
+    """
+    modules: dict[int, nn.Module] = {}
+    tensors: dict[int, torch.Tensor] = {}
+
+    def meta(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        twin = tensors.get(id(tensor))
+        if twin is None:
+            twin = tensors[id(tensor)] = twin_of(tensor, plain=plain)
+        return twin
+
+    def copy_module(module: nn.Module) -> nn.Module:
+        done = modules.get(id(module))
+        if done is not None:
+            return done
+        new: nn.Module = object.__new__(type(module))
+        modules[id(module)] = new
+        state: dict[str, Any] = {}
+        for key, value in vars(module).items():
+            if key == "_parameters" or key == "_buffers":
+                state[key] = {k: meta(v) for k, v in value.items()}
+            elif key == "_modules":
+                state[key] = {k: None if v is None else copy_module(v) for k, v in value.items()}
+            elif isinstance(value, (dict, list, set)):
+                state[key] = value.copy()
+            else:
+                state[key] = value
+        vars(new).update(state)
+        return new
+
+    return copy_module(model)

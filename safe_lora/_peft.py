@@ -1,0 +1,601 @@
+"""The one boundary to PEFT: every use of its private API and every fact tied to its version.
+
+safe_lora is tested on the PEFT release range in :data:`TESTED_PEFT` (and declares it). Whatever
+here is not PEFT's public, top-level API -- an underscore method, a module-level table, the way a
+function matches a pattern, which tensors a tuner saves as integers -- may change in the next
+release without notice; keeping it in this module means a PEFT upgrade is checked in one file, and
+``tests/test_peft_boundary.py`` fails loudly when the installed PEFT no longer provides any of it.
+
+The rest of safe_lora imports from PEFT only its top-level public names (``from peft import
+PeftModel``) and the classes and tables re-exported here.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import peft
+import torch
+from peft import PeftConfig, PeftModel
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+    replicate_layers,
+)
+from peft.utils.constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+__all__ = [
+    "EMBEDDING_LAYER_NAMES",
+    "INCLUDE_LINEAR_LAYERS_SHORTHAND",
+    "INJECTION_MODES",
+    "INTEGER_SLOTS",
+    "NOOP_RULES",
+    "PATTERN_FIELDS",
+    "SAVED_PREFIX",
+    "STRUCTURAL_RATES",
+    "TASK_CLASSES",
+    "TESTED_PEFT",
+    "TUNER_PREFIX",
+    "WRAPPED_CHILDREN",
+    "AuxiliaryTrainingWrapper",
+    "BaseTuner",
+    "BaseTunerLayer",
+    "BufferDict",
+    "NoOpRule",
+    "PatternField",
+    "all_linear_targets",
+    "cast_adapter_dtype",
+    "check_new_adapter_config",
+    "check_target_module_exists",
+    "complete_deferred",
+    "config_class",
+    "import_allowed",
+    "init_keeps_base",
+    "intercept_load_state_dict",
+    "layer_param_names",
+    "loading_context",
+    "move_adapter_to_base_device",
+    "peft_model_class",
+    "peft_type_name",
+    "remap_keys",
+    "replicate_layers",
+    "rewrites_base",
+    "set_layer_active_adapters",
+    "shapes_config",
+    "tuner_class",
+]
+
+# The PEFT releases safe_lora is tested with; pyproject.toml declares the same range.
+TESTED_PEFT = ">=0.21,<0.22"
+
+# How PEFT prefixes the keys it saves: "base_model.model.<module path>.<adapter tensor>", and
+# "base_model.<tensor>" for tensors the tuner itself holds (VeRA's shared projections).
+SAVED_PREFIX = "base_model.model."
+TUNER_PREFIX = "base_model."
+
+# The children of a tuner layer, tuner or auxiliary wrapper that are the wrapped model, not an
+# adapter's own modules (``BaseTunerLayer.base_layer``, ``BaseTuner.model``,
+# ``AuxiliaryTrainingWrapper.original_module``).
+WRAPPED_CHILDREN = frozenset({"base_layer", "model", "original_module"})
+
+
+def peft_type_name(config: PeftConfig) -> str:
+    """The config's PEFT type as a plain name, e.g. ``"LORA"`` (``"unknown"`` when it has none)."""
+    raw = getattr(config, "peft_type", "unknown")
+    return str(getattr(raw, "value", raw))
+
+
+def config_class(peft_type: str) -> Any | None:
+    """PEFT's config class for a PEFT type name such as ``"LORA"``, or ``None`` (``PEFT_TYPE_TO_CONFIG_MAPPING``)."""
+    # Keys are PeftType members, a str enum: equal to their plain names.
+    return next((cls for kind, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items() if kind == peft_type), None)
+
+
+def known_peft_types() -> list[str]:
+    """Every PEFT type name the installed PEFT can load, sorted."""
+    return sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+
+
+def tuner_class(peft_type: str) -> Any | None:
+    """PEFT's tuner (model) class for a PEFT type name such as ``"LORA"``, or ``None``."""
+    return next((cls for kind, cls in PEFT_TYPE_TO_TUNER_MAPPING.items() if kind == peft_type), None)
+
+
+def peft_model_class(config: PeftConfig) -> type[PeftModel]:
+    """The ``PeftModel`` class ``PeftModel.from_pretrained`` builds for ``config`` (its task type's)."""
+    cls: type[PeftModel] = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
+    return cls
+
+
+def layer_param_names(tuner_cls: Any) -> frozenset[str]:
+    """The attribute names under which a tuner's layers (and their subclasses) hold adapter tensors
+    (``adapter_layer_names`` and ``other_param_names`` of its ``tuner_layer_cls``)."""
+    layer_cls = getattr(tuner_cls, "tuner_layer_cls", None)
+    if layer_cls is None:
+        return frozenset()
+    names: set[str] = set()
+    pending = [layer_cls]
+    while pending:  # subclasses too: AdaLoRA's layers add lora_E to LoraLayer's names, say
+        cls = pending.pop()
+        names.update(getattr(cls, "adapter_layer_names", ()))
+        names.update(getattr(cls, "other_param_names", ()))
+        pending.extend(cls.__subclasses__())
+    return frozenset(names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Private API of PeftModel, BaseTuner and BaseTunerLayer
+# --------------------------------------------------------------------------------------------------
+
+
+def check_new_adapter_config(peft_model: PeftModel, config: PeftConfig, *, training: bool) -> None:
+    """PEFT's own checks before ``PeftModel.load_adapter`` adds an adapter (``_check_new_adapter_config``)."""
+    peft_model._check_new_adapter_config(config, is_trainable=training)
+
+
+@contextmanager
+def loading_context(peft_model: PeftModel, adapter_name: str) -> Iterator[None]:
+    """The context ``PeftModel.load_adapter`` loads weights in: an inactive adaption-prompt adapter
+    is cached outside the model and must be swapped in first (``BaseTuner._temporarily_active``)."""
+    config = peft_model.peft_config[adapter_name]
+    tuner: Any = peft_model.base_model
+    with tuner._temporarily_active(adapter_name) if config.is_adaption_prompt else nullcontext():
+        yield
+
+
+def cast_adapter_dtype(peft_model: PeftModel, adapter_name: str, *, autocast: bool) -> None:
+    """What ``PeftModel.__init__`` / ``add_adapter`` do last: upcast half-precision adapter tensors to
+    float32 when ``autocast`` (``BaseTuner._cast_adapter_dtype``)."""
+    tuner: Any = peft_model.base_model
+    if hasattr(tuner, "_cast_adapter_dtype"):
+        tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast)
+
+
+def move_adapter_to_base_device(model: nn.Module, adapter_name: str) -> None:
+    """Give ``adapter_name``'s tensors in every tuner layer the device and (float) dtype of the layer's
+    base weight, as PEFT's ``update_layer`` does on its default path and ``set_peft_model_state_dict``
+    after an assign load (``BaseTunerLayer._move_adapter_to_device_of_base_layer``)."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._move_adapter_to_device_of_base_layer(adapter_name)
+
+
+def set_layer_active_adapters(layer: BaseTunerLayer, names: list[str]) -> None:
+    """What ``BaseTunerLayer.set_adapter`` sets, without its ``requires_grad`` side effect."""
+    layer._active_adapter = list(names)
+
+
+def all_linear_targets(config: PeftConfig, model: nn.Module) -> PeftConfig:
+    """A copy of ``config`` with ``target_modules="all-linear"`` resolved against ``model`` as PEFT's
+    ``inject_adapter`` resolves it (``_maybe_include_all_linear_layers``)."""
+    resolved: PeftConfig = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    return resolved
+
+
+@contextmanager
+def intercept_load_state_dict(
+    peft_model: PeftModel, handler: Callable[[Mapping[str, Any], bool, bool], Any]
+) -> Iterator[None]:
+    """Route the ``load_state_dict`` call PEFT's ``set_peft_model_state_dict`` makes on the
+    ``PeftModel`` to ``handler(state_dict, strict, assign)`` for the duration of the block.
+
+    ``set_peft_model_state_dict`` (peft/utils/save_and_load.py) remaps the file's keys onto the
+    model and then calls ``model.load_state_dict`` exactly once: an instance attribute shadows the
+    method, on this object only, so no other model or thread is affected.
+    """
+    peft_model.__dict__["load_state_dict"] = handler
+    try:
+        yield
+    finally:
+        peft_model.__dict__.pop("load_state_dict", None)
+
+
+def remap_keys(
+    tensors: Mapping[str, torch.Tensor], key_mapping: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The file's keys renamed by ``key_mapping`` as ``load_peft_weights(key_mapping=...)`` renames them.
+
+    PEFT 0.21 (peft/utils/save_and_load.py, ``load_peft_weights``) strips the ``base_model.model.``
+    (or ``base_model.``) prefix, applies the first pattern of ``key_mapping`` (``re.subn``) that
+    replaces anything, and puts the prefix back; a key with neither prefix makes PEFT raise a bare
+    ``ValueError`` ("This should not happen").
+
+    Returns:
+        ``(renamed, unprefixed)``: the tensors under their new keys, and the keys that have neither
+        prefix (left out of ``renamed``), sorted.
+    """
+    renamed: dict[str, torch.Tensor] = {}
+    unprefixed: list[str] = []
+    for key, value in tensors.items():
+        prefix = next((p for p in (SAVED_PREFIX, TUNER_PREFIX) if key.startswith(p)), None)
+        if prefix is None:
+            unprefixed.append(key)
+            continue
+        rest = key[len(prefix) :]
+        for pattern, replacement in key_mapping.items():
+            new, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = new
+                break
+        renamed[prefix + rest] = value
+    return renamed, sorted(unprefixed)
+
+
+def import_allowed(library: str) -> tuple[bool, list[str]]:
+    """Whether PEFT's Auto classes may import ``library`` for a non-transformers base (``auto_mapping``),
+    and PEFT's allowlist (``peft.auto.get_default_import_allowlist`` / ``check_import_allowlist``)."""
+    from peft import auto as peft_auto
+
+    untyped: Any = peft_auto
+    allowlist: list[str] = untyped.get_default_import_allowlist()
+    return bool(untyped.check_import_allowlist(allowlist, library)), allowlist
+
+
+# --------------------------------------------------------------------------------------------------
+# Facts about the tuners
+# --------------------------------------------------------------------------------------------------
+
+# Rates that decide whether Dropout modules exist at all inside an ``nn.Sequential`` (X-LoRA's
+# classifier): turning one to or from 0 adds or removes modules and shifts every later index, so the
+# saved keys would no longer fit. Maps the config field to the tuner attribute holding those modules.
+STRUCTURAL_RATES = {"xlora_dropout_p": "internal_xlora_classifier"}
+
+# LoRA initialisations that only touch the adapter's own tensors. Every other string (PiSSA, CorDA,
+# OLoRA, LoftQ, LoRA-GA, and any a newer PEFT adds) is assumed to rewrite the base weight.
+_ADAPTER_ONLY_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+
+
+def init_keeps_base(init: object) -> bool:
+    """Whether a LoRA ``init_lora_weights`` value leaves the base weights alone (``True``,
+    ``False``, ``"gaussian"``, ...); PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite them."""
+    return isinstance(init, bool) or (isinstance(init, str) and init.lower() in _ADAPTER_ONLY_INITS)
+
+
+def rewrites_base(config: PeftConfig) -> bool:
+    """Whether injecting ``config`` recomputes the targets' base weights (PiSSA, OLoRA, KaSA, ...)."""
+    init = getattr(config, "init_lora_weights", None)
+    if isinstance(init, str) and not init_keeps_base(init):
+        return True
+    return getattr(config, "kasa_config", None) is not None
+
+
+def shapes_config(config: PeftConfig) -> PeftConfig:
+    """A copy of ``config`` that gives the same adapter shapes without computing from the base weights.
+
+    LoRA's ``init_lora_weights`` strings that rewrite the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA)
+    decide values, never shapes: ``r`` and the targets do (peft/tuners/lora/layer.py,
+    ``update_layer``). Checking shapes with PEFT's default init instead runs nothing on the base's
+    values, which on the meta device (and on quantized weights) such inits cannot do.
+    """
+    init = getattr(config, "init_lora_weights", None)
+    if not isinstance(init, str) or init_keeps_base(init):
+        return config
+    shaped = copy.copy(config)
+    shaped.init_lora_weights = True  # type: ignore[attr-defined]
+    return shaped
+
+
+# Index buffers PEFT saves as integers: SHiRA, SuperTuning, UniLoRA (save_indices), FRoD
+# (save_projection), VBLoRA (save_only_topk_weights).
+INTEGER_SLOTS = frozenset(
+    {
+        "shira_indices",
+        "supertuning_indices",
+        "unilora_indices_A",
+        "unilora_indices_B",
+        "frod_s_indices",
+        "frod_s_size",
+        "vblora_logits_A_topk_indices",
+        "vblora_logits_B_topk_indices",
+    }
+)
+# Adapter tensors of tuners whose layers declare no parameter names, and VBLoRA's top-k weights.
+FLOAT_TENSOR_NAMES = frozenset(
+    {
+        "prompt_embeddings",
+        "prefix_task_cols",
+        "prefix_task_rows",
+        "adaption_gate",
+        "adaption_prompt",
+        "trainable_tokens_delta",
+        "vblora_logits_A_topk_weights",
+        "vblora_logits_B_topk_weights",
+    }
+)
+
+# LoRA factors: which dimension of each is the rank (A is (r, in, ...), B is (out, r, ...)), and the
+# pairs that only exist together.
+LORA_RANK_DIM = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
+LORA_PAIRS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
+
+# How each tuner's injection runs when every tensor -- the base model's included -- is on the meta
+# device (see safe_lora._attach). Most tuners build their layers from shapes alone. These compute
+# from tensor values while injecting, which the meta device cannot give:
+# - UniLoRA counts indices (``torch.bincount``) and BOFT reads a value (``Tensor.item()``) of tensors
+#   it creates itself: their injection runs with the base model's tensors on the meta device, but
+#   without forcing new tensors there (PEFT's own ``low_cpu_mem_usage`` path: parameters on meta).
+# - SHiRA draws its sparse mask (``torch.nonzero``) and FRoD decomposes the base weights: their
+#   injection needs the real base tensors (again with parameters on meta).
+InjectionMode = Literal["meta", "meta-params", "real-base"]
+INJECTION_MODES: dict[str, InjectionMode] = {
+    "UNILORA": "meta-params",
+    "BOFT": "meta-params",
+    "SHIRA": "real-base",
+    "FROD": "real-base",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Fields PEFT matches as regular expressions against module names
+# --------------------------------------------------------------------------------------------------
+
+# How PEFT 0.21 applies a pattern ``p`` to a module name ``key`` (read from tuners_utils.py
+# ``check_target_module_exists``, utils/other.py ``get_pattern_key``, the tuners' model.py):
+# - "fullmatch": ``re.fullmatch(p, key)`` (a ``str`` target_modules / exclude_modules /
+#   feedforward_modules);
+# - "suffix": ``re.match(rf"(.*\.)?({p})$", key)`` (rank_pattern, alpha_pattern and the like);
+# - "dotted-suffix": ``re.match(rf".*\.{p}$", key)`` (FourierFT's n_frequency_pattern, C3A's
+#   block_size_pattern);
+# - "search": ``re.search(p, key)`` (OSF's rank_pattern);
+# - "segment": ``re.match(rf"(^|.*\.){p}($|\..*)", key)`` (each modules_to_save entry, to keep
+#   adapters off the modules saved whole);
+# - "layer": ``re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)`` (each layers_pattern entry,
+#   locating the layer index that layers_to_transform selects).
+Template = Literal["fullmatch", "suffix", "dotted-suffix", "search", "segment", "layer"]
+
+
+@dataclass(frozen=True)
+class PatternField:
+    """A config field PEFT reads as regular expression(s).
+
+    Attributes:
+        name: The field, e.g. ``"rank_pattern"``.
+        template: How PEFT applies each pattern to a module name (see above).
+        kind: Where the patterns are: ``"str"`` (the field itself, when it is a string), ``"keys"``
+            (the keys of a dict) or ``"items"`` (the entries of a list, or the string itself).
+        peft_types: The tuners that read the field this way (empty: every tuner with the field).
+        not_for: Tuners that have a field of that name but do not read it as patterns.
+    """
+
+    name: str
+    template: Template
+    kind: Literal["str", "keys", "items"]
+    peft_types: frozenset[str] = field(default_factory=frozenset)
+    not_for: frozenset[str] = field(default_factory=frozenset)
+
+    def applies_to(self, peft_type: str) -> bool:
+        return (not self.peft_types or peft_type in self.peft_types) and peft_type not in self.not_for
+
+
+# Adaption prompt's target_modules names an attribute (``getattr(parent, "self_attn")``), not a pattern.
+_NOT_MATCHED = frozenset({"ADAPTION_PROMPT"})
+
+PATTERN_FIELDS: tuple[PatternField, ...] = (
+    PatternField("target_modules", "fullmatch", "str", not_for=_NOT_MATCHED),
+    PatternField("exclude_modules", "fullmatch", "str", not_for=_NOT_MATCHED),
+    PatternField("feedforward_modules", "fullmatch", "str", frozenset({"IA3"})),
+    PatternField("modules_to_save", "segment", "items"),
+    PatternField("layers_pattern", "layer", "items"),
+    PatternField("n_frequency_pattern", "dotted-suffix", "keys", frozenset({"FOURIERFT"})),
+    PatternField("block_size_pattern", "dotted-suffix", "keys", frozenset({"C3A"})),
+    PatternField("rank_pattern", "search", "keys", frozenset({"OSF"})),
+    # Every other ``*_pattern`` dict (LoRA, LoHa, LoKr, HiRA, DeLoRA's lambda_pattern, WaveFT, ...)
+    # goes through get_pattern_key. AdaLoRA's rank_pattern maps parameter names to rank masks
+    # (adalora/layer.py, mask_using_rank_pattern): names, not patterns.
+    PatternField("*_pattern", "suffix", "keys", not_for=frozenset({"ADALORA"})),
+)
+
+
+def pattern_fields(config: PeftConfig) -> list[tuple[PatternField, str]]:
+    """``(how PEFT reads it, field name)`` for every field of ``config`` that holds patterns."""
+    peft_type = peft_type_name(config)
+    found: list[tuple[PatternField, str]] = []
+    names = [f for f in vars(config) if not f.startswith("_")]
+    for name in names:
+        value = getattr(config, name, None)
+        if not value:
+            continue
+        spec = next(
+            (
+                p
+                for p in PATTERN_FIELDS
+                if (
+                    p.name == name
+                    or (p.name == "*_pattern" and name.endswith("_pattern") and name != "layers_pattern")
+                )
+                and p.applies_to(peft_type)
+            ),
+            None,
+        )
+        if spec is None:
+            continue
+        if spec.kind == "str" and not isinstance(value, str):
+            continue
+        if spec.kind == "keys" and not isinstance(value, dict):
+            continue
+        found.append((spec, name))
+    return found
+
+
+def complete_deferred(peft_model: nn.Module, adapter_name: str) -> list[str]:
+    """Build what PEFT defers while an adapter's tensors are on the meta device; return the module
+    paths of what cannot be built there (their saved tensors are PEFT's to create later).
+
+    PEFT 0.21's MonteCLoRA variant (peft/tuners/lora/variants.py, ``MontecloraLinearVariant.init``)
+    skips creating its sampler when ``lora_A`` is on the meta device and creates it at the first
+    forward; its tensors are saved all the same. The sampler reads values while it is built
+    (``Tensor.item()``), so it cannot be built on meta: its keys are then known to be PEFT's, and its
+    shapes are checked when PEFT's default path builds it.
+    """
+    from peft.tuners.lora.variants import MontecloraLinearVariant
+
+    deferred = []
+    for name, module in peft_model.named_modules():
+        configs = getattr(module, "_lora_monteclora_config", None)
+        samplers = getattr(module, "lora_monteclora_sampler", None)
+        if not isinstance(configs, dict) or not isinstance(samplers, nn.ModuleDict):
+            continue
+        if adapter_name in configs and adapter_name not in samplers:
+            try:
+                with torch.device("meta"):
+                    samplers[adapter_name] = MontecloraLinearVariant._create_sampler(
+                        module, adapter_name, configs[adapter_name]
+                    )
+            except (RuntimeError, NotImplementedError):
+                deferred.append(f"{name}.lora_monteclora_sampler")
+    return deferred
+
+
+def module_names_matched(model: nn.Module, config: PeftConfig) -> list[str]:
+    """The module names PEFT's ``inject_adapter`` matches ``config``'s patterns against.
+
+    That is ``model.named_modules()`` after the tuner's ``_prepare_model``; in PEFT 0.21 only LoRA's
+    changes the structure, replicating layers for ``layer_replication`` (``replicate_layers``), which
+    here runs on a structural copy of ``model`` whose tensors are all on the meta device -- nothing
+    of ``model`` is touched and nothing is allocated.
+    """
+    layer_map = getattr(config, "layer_replication", None)
+    if not layer_map:
+        return [name for name, _ in model.named_modules()]
+    from safe_lora._meta import skeleton
+
+    copy_ = skeleton(model, plain=True)  # names only: no parameter class needs to survive a deepcopy
+    replicate_layers(copy_, layer_map)
+    return [name for name, _ in copy_.named_modules()]
+
+
+# --------------------------------------------------------------------------------------------------
+# No-op rules: when a tuner's saved tensors alone show that loading it changes nothing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoOpRule:
+    """How to tell from a tuner's saved tensors alone that it changes nothing.
+
+    A factor is ``"slot"`` (the tensor is the slot), ``"slot.leaf"`` (e.g. ``"lora_B.weight"``) or
+    ``"slot.*"`` (any leaf), matched against the key after the module path.
+
+    Attributes:
+        terms: Each term is a product of factors; in each module, every term present must have a
+            factor that is all zero (LoRA's ``lora_B`` as it is initialised).
+        ones: Factors that must be all one (multiplicative identities: IA3's scale, BOFT's ``s``).
+        neutral: Slots whose values do not matter once the terms are zero (input factors, shared
+            random projections, routers).
+    """
+
+    terms: tuple[tuple[str, ...], ...] = ()
+    ones: tuple[str, ...] = ()
+    neutral: tuple[str, ...] = ()
+    slots: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        specs = [f for term in self.terms for f in term] + list(self.ones) + list(self.neutral)
+        object.__setattr__(self, "slots", frozenset(s.split(".", 1)[0] for s in specs))
+
+    def factor(self, slot: str, leaf: str) -> str | None:
+        """The factor (or neutral slot) a tensor at ``slot`` / ``leaf`` is, or ``None`` if unknown."""
+        if slot in self.neutral:
+            return slot
+        for spec in (*(f for term in self.terms for f in term), *self.ones):
+            name, _, want = spec.partition(".")
+            if name == slot and (want == leaf or want == "*"):
+                return spec
+        return None
+
+
+_GLORA_TERMS = tuple(
+    term
+    for x in "ABCDE"
+    for term in ((f"glora_{x}.Xd", f"glora_{x}.Xu"), (f"glora_{x}.X",), (f"glora_{x}.zeros",))
+)
+
+# Read from each tuner's layer code in peft/tuners/*/layer.py (init and forward). Tuners without a
+# rule that can be judged from the file alone are left out: DoRA (the magnitude must equal the base
+# weight's norm), HRA, OSF, PSOFT, FRoD, DeFT, AdaMSS (they reparametrise the base weight), LN
+# tuning and modules_to_save (whole copies), trainable tokens (new embedding rows), VBLoRA,
+# SHADOW, X-LoRA and the prompt-learning methods (they always change the input).
+NOOP_RULES: dict[str, NoOpRule] = {
+    # result + B(A(x)) * s (+ B's bias); embeddings: A is the zero-initialised one
+    "LORA": NoOpRule(
+        terms=(("lora_A.weight", "lora_B.weight"), ("lora_B.bias",), ("lora_embedding_A", "lora_embedding_B"))
+    ),
+    "ADALORA": NoOpRule(terms=(("lora_A", "lora_B", "lora_E"),)),  # B @ (A * E); E starts at zero
+    "IA3": NoOpRule(ones=("ia3_l",)),  # the output (or input) scaled by l; l starts at one
+    # (w1a @ w1b) * (w2a @ w2b), optionally with Tucker cores: every factor multiplies
+    "LOHA": NoOpRule(terms=(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),)),
+    # kron(w1 | w1_a @ w1_b, w2 | w2_a @ w2_b | t2 x w2_a x w2_b)
+    "LOKR": NoOpRule(
+        terms=(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),)
+    ),
+    "VERA": NoOpRule(terms=(("vera_lambda_b", "vera_lambda_d"),), neutral=("vera_A", "vera_B")),
+    # lambda_d feeds a sampled latent (noise even at zero): only lambda_b silences it
+    "PVERA": NoOpRule(terms=(("pvera_lambda_b",),), neutral=("pvera_lambda_d", "pvera_A", "pvera_B")),
+    "RANDLORA": NoOpRule(
+        terms=(("randlora_lambda", "randlora_gamma"),), neutral=("randlora_A", "randlora_B")
+    ),
+    "FOURIERFT": NoOpRule(terms=(("fourierft_spectrum",),)),
+    "WAVEFT": NoOpRule(terms=(("waveft_spectrum",),)),
+    "C3A": NoOpRule(terms=(("c3a_kernel",),)),
+    "HIRA": NoOpRule(terms=(("hira_A", "hira_B"), ("hira_embedding_A", "hira_embedding_B"))),
+    "GRALORA": NoOpRule(
+        terms=(("gralora_A", "gralora_B"), ("gralora_A_general.weight", "gralora_B_general.weight"))
+    ),
+    "POLY": NoOpRule(terms=(("poly_lora_A", "poly_lora_B"),), neutral=("poly_router",)),
+    "LILY": NoOpRule(terms=(("lily_A.weight", "lily_B.weight"),), neutral=("lily_router",)),
+    "DELORA": NoOpRule(terms=(("delora_A", "delora_B", "delora_lambda"),), neutral=("delora_w_norm",)),
+    "MISS": NoOpRule(terms=(("miss_block",),)),  # x-blocks @ miss, or W @ miss + miss ("bat")
+    "PEANUT": NoOpRule(
+        terms=(("peanut_B.weight",),), neutral=("peanut_A", "peanut_encoders", "peanut_decoders")
+    ),
+    "SHIRA": NoOpRule(terms=(("shira_weight",),), neutral=("shira_indices",)),
+    "SUPERTUNING": NoOpRule(
+        terms=(("supertuning_values",), ("supertuning_lora_A.weight", "supertuning_lora_B.weight")),
+        neutral=("supertuning_indices",),
+    ),
+    # R = sum_i v_i P_i between B and A; the v vectors are shared by the whole model
+    "TINYLORA": NoOpRule(terms=(("tinylora_v.*",),), neutral=("tinylora_A", "tinylora_B", "tinylora_P")),
+    # A and B are gathered from the shared theta_d
+    "UNILORA": NoOpRule(
+        terms=(("unilora_theta_d",),),
+        neutral=("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"),
+    ),
+    "BEFT": NoOpRule(terms=(("beft_bias",),)),
+    "GLORA": NoOpRule(terms=_GLORA_TERMS),  # W + W*A + B, b + b*D + E + W@C
+    # rotations: a zero skew-symmetric generator is the identity
+    "BOFT": NoOpRule(terms=(("boft_R",),), ones=("boft_s",)),
+    "OFT": NoOpRule(terms=(("oft_R.weight",), ("oft_embedding_R.weight",))),
+    "ROAD": NoOpRule(terms=(("road_theta",),), ones=("road_alpha",)),
+    "ADAPTION_PROMPT": NoOpRule(terms=(("adaption_gate",),), neutral=("adaption_prompt",)),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The transformers Auto class PEFT's AutoPeftModelFor* picks for each task type (peft/auto.py)
+# --------------------------------------------------------------------------------------------------
+
+TASK_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def installed_peft() -> str:
+    """The installed PEFT's version string."""
+    return str(peft.__version__)
