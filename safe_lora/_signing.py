@@ -94,8 +94,14 @@ def verifying_config(signed_by: SignedBy) -> model_signing.verifying.Config:
         >>> verifying_config(model_signing.verifying.Config().use_sigstore_verifier(  # doctest: +SKIP
         ...     identity="ci@example.com", oidc_issuer="https://accounts.google.com"))
     """
-    verifying = _model_signing_verifying()
-    if isinstance(signed_by, verifying.Config):
+    is_path = isinstance(signed_by, str | os.PathLike) and isinstance(os.fspath(signed_by), str)
+    try:
+        verifying = _model_signing_verifying()
+    except ImportError:
+        if is_path:
+            raise
+        verifying = None  # then signed_by cannot be a model_signing Config either
+    if verifying is not None and isinstance(signed_by, verifying.Config):
         if _verifier_of(signed_by) is None:
             raise ValueError(
                 "signed_by= is a model_signing.verifying.Config with no verifier — expected one that "
@@ -104,7 +110,7 @@ def verifying_config(signed_by: SignedBy) -> model_signing.verifying.Config:
                 "oidc_issuer=...) on it."
             )
         return signed_by
-    if not isinstance(signed_by, str | os.PathLike) or isinstance(os.fspath(signed_by), bytes):
+    if not is_path or verifying is None:
         raise TypeError(
             f"signed_by= must be the path of a PEM public key or a model_signing.verifying.Config, "
             f"not {type(signed_by).__name__}."
@@ -165,14 +171,16 @@ def verify_signed_digests(
     there. Nothing is read from disk but the public key: the digests are those of the bytes the
     caller read and parsed, so nothing can change between this check and their use.
 
-    What is honoured of a ``model_signing.verifying.Config``: its verifier — the key, the
-    certificate chain (checked against the chain given, or the system's roots), or the Sigstore
-    identity, OIDC issuer and trust root (that check needs the network: Sigstore's transparency log
-    and trust root). Not used: its hashing settings (``set_hashing_config``) and
-    ``set_ignore_unsigned_files``; they steer model_signing's own re-hashing of a folder, which is
-    what this function replaces by comparing digests already computed. The manifest must therefore
-    be of whole-file sha256 digests (model_signing's default); one of sharded or BLAKE2/BLAKE3
-    hashing is refused rather than checked by reading the files a second time.
+    What is honoured of a ``model_signing.verifying.Config``: its verifier, exactly as its own
+    ``verify`` uses it — the key; the certificate chain (the chain given, or certifi's roots); or the
+    Sigstore identity and OIDC issuer, checked with the bundle's transparency-log entry against
+    Sigstore's trust root (``use_sigstore_verifier`` fetches that root over the network, unless given
+    ``trust_config=``; the check itself reads no adapter file either). Not used: its hashing settings
+    (``set_hashing_config``) and ``set_ignore_unsigned_files``; they steer model_signing's own
+    re-hashing of a folder, which is what this function replaces by comparing digests already
+    computed, so which files must be signed is the rule above. The manifest must therefore be of
+    whole-file sha256 digests (model_signing's default); one of sharded or BLAKE2/BLAKE3 hashing is
+    refused rather than checked by reading the files a second time. The ``Config`` is not modified.
 
     Args:
         signature: The bytes of ``model.sig`` as read (:func:`read_signature`).

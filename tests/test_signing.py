@@ -465,6 +465,8 @@ def test_without_the_extra_the_error_says_how_to_install(
     monkeypatch.setitem(sys.modules, "model_signing", None)
     with pytest.raises(ImportError, match=r"pip install 'safe-lora\[signing\]'"):
         verify_signed_digests(signature, {}, signed_by=keys["signer"][1], where="a")
+    with pytest.raises(TypeError, match="signed_by= must be"):  # a wrong type is still a TypeError
+        verifying_config(42)
 
 
 def test_importing_safe_lora_does_not_import_model_signing() -> None:
