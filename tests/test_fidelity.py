@@ -239,7 +239,11 @@ class Lab:
         # X-LoRA mixes LoRA adapters saved before it, named by their folders.
         experts = {str(seed): str(self.adapter("fp32", "lora", seed)) for seed in (0, 1)}
         return peft.XLoraConfig(
-            task_type="CAUSAL_LM", hidden_size=QUANTIZABLE["hidden_size"], adapters=experts, xlora_depth=2, xlora_dropout_p=0.1
+            task_type="CAUSAL_LM",
+            hidden_size=QUANTIZABLE["hidden_size"],
+            adapters=experts,
+            xlora_depth=2,
+            xlora_dropout_p=0.1,
         )
 
     def adapter(self, kind: str, name: str, seed: int = 0) -> Path:
