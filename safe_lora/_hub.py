@@ -1,14 +1,17 @@
-"""Fetch files of one adapter folder from the Hugging Face Hub at one pinned commit.
+"""Fetch files of one adapter folder from the Hugging Face Hub at one pinned commit, and check their bytes
+against the Hub's own record of each file.
 
 :func:`open_folder` asks the hub one metadata question (``HfApi.model_info(files_metadata=True)``, i.e.
 ``GET /api/models/{repo}/revision/{rev}?blobs=true``): which commit the revision is, which files the repo
-holds at that commit. It downloads nothing. :meth:`HubFolder.fetch` then downloads single files by name
-with ``hf_hub_download``, pinned to that commit, so the config and the weights of one load come from the
-same commit even if the branch moves in between, and a warm cache answers without another request. (The
-first file goes by the revision's name while the cache does not yet map that name to the commit, so that
-huggingface_hub records the mapping for later offline loads; see :meth:`HubFolder._download`.) Which
-files to fetch is the caller's decision (:mod:`safe_lora._config`): nothing here lists a folder to
-download "everything".
+holds at that commit, and what the Hub recorded for each of them (the sha256 of an LFS file, the git blob
+sha1 of any other). It downloads nothing. :meth:`HubFolder.fetch` then downloads single files by name with
+``hf_hub_download``, pinned to that commit, so the config and the weights of one load come from the same
+commit even if the branch moves in between, and a warm cache answers without another request. (The first
+file goes by the revision's name while the cache does not yet map that name to the commit, so that
+huggingface_hub records the mapping for later offline loads; see :meth:`HubFolder._download`.)
+:meth:`HubFolder.read` reads a file once and checks those very bytes against the Hub's record, which
+huggingface_hub itself never does. Which files to fetch is the caller's decision
+(:mod:`safe_lora._config`): nothing here lists a folder to download "everything".
 
 Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) and when the hub cannot be reached or does
 not answer in time, the answer comes from the local Hugging Face cache instead -- with a
@@ -24,14 +27,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+from safe_lora._readers import FileBytes, git_blob_sha1, read_bounded
 from safe_lora._version import __version__
 from safe_lora.errors import (
     AdapterAccessError,
+    AdapterIntegrityError,
     AdapterNotFoundError,
     HubUnreachableWarning,
     _user_stacklevel,
@@ -40,14 +47,18 @@ from safe_lora.errors import (
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoSibling
 
-__all__ = ["HubFolder", "Token", "open_folder"]
+__all__ = ["Digest", "DigestKind", "HubFolder", "Token", "open_folder"]
 
 logger = logging.getLogger(__name__)
 
 _LIBRARY = "safe-lora"  # huggingface_hub adds it to its user agent
 _TOKEN_HINT = "pass token= (a token with read access), or log in once with `hf auth login` / set HF_TOKEN"
+# What the Hub records: a sha256 for an LFS file, a git blob sha1 for any other (lower-case hex).
+_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "git-sha1": re.compile(r"[0-9a-f]{40}")}
 
 Token = str | bool | None
+DigestKind = Literal["sha256", "git-sha1"]
+Digest = tuple[DigestKind, str]
 
 
 @dataclass
@@ -70,6 +81,9 @@ class HubFolder:
         files: Names of the files directly in the folder, with their sizes in bytes when known.
         repo_files: Every file path of the repo at ``commit`` (offline: of the cached snapshot).
         offline_reason: Why the cache answered (``"HF_HUB_OFFLINE=1"``, ...); ``None`` when online.
+        digests: Online, what the Hub recorded for each file of the repo at ``commit``, by path in the
+            repo (from ``model_info(files_metadata=True)``: ``siblings[].lfs.sha256``, else
+            ``siblings[].blob_id``); empty offline, where :meth:`recorded_digest` asks the cache.
         snapshot: Offline, this folder in the cached snapshot of ``commit`` (found with
             ``snapshot_download(local_files_only=True)``); ``None`` online.
     """
@@ -86,6 +100,7 @@ class HubFolder:
     cache_dir: str | None
     force_download: bool
     snapshot: Path | None = None
+    digests: Mapping[str, Digest] = field(default_factory=dict, repr=False)
     _first: _FirstDownload = field(default_factory=_FirstDownload, repr=False, compare=False)
 
     @property
@@ -105,8 +120,26 @@ class HubFolder:
         """``name`` of the folder as a path in the repo (``"sub/adapter_config.json"``)."""
         return f"{self.subfolder}/{name}" if self.subfolder else name
 
+    def recorded_digest(self, name: str) -> Digest | None:
+        """What the Hub recorded for ``name`` at :attr:`commit`: ``("sha256", hex)`` for an LFS file,
+        ``("git-sha1", hex)`` (its git blob id) for any other.
+
+        Online this is the hub's answer to the metadata question (:attr:`digests`). Offline it is the
+        name the cache filed the file's bytes under, which is the digest the hub announced when they were
+        downloaded (``X-Linked-Etag`` or ``ETag``, see :func:`_cached_digest`).
+
+        Returns:
+            The digest, or ``None`` when nothing is known (not listed, not cached, or a cache that copies
+            files instead of linking them).
+        """
+        if self.online:
+            return self.digests.get(self.path_in_repo(name))
+        return _cached_digest(self.repo_id, self.path_in_repo(name), self.cache_dir, self.commit)
+
     def fetch(self, name: str) -> Path:
         """Download ``name`` of the folder at :attr:`commit` (or take it from the cache); its local path.
+
+        Nothing is checked here; :meth:`read` checks the bytes against the Hub's record.
 
         Raises:
             AdapterNotFoundError: The file is not there, or the hub went away mid-way.
@@ -115,6 +148,53 @@ class HubFolder:
         if not self.online:
             return self._cached(name)
         return self._download(name, force=self.force_download)
+
+    def read(self, name: str, *, max_bytes: int, error: Callable[[str, str], Exception]) -> FileBytes:
+        """Fetch ``name``, read it once, and check the bytes read against what the Hub recorded.
+
+        The digest (:meth:`recorded_digest`) is compared with the digest of the very bytes returned, so
+        nothing can change between the check and the caller's parsing: parse ``.data``, never the file.
+        On a mismatch online, the file is downloaded again once (``force_download``), read and checked
+        again: a cached blob changed on disk is repaired on the way. Without a record (see
+        :meth:`recorded_digest`) the bytes are returned as read.
+
+        Args:
+            name: The file, in the folder.
+            max_bytes: The largest size accepted. Online, a file the hub lists as larger is refused before
+                it is downloaded.
+            error: Builds the error for a file that is not a regular file, unreadable or too large, from
+                ``(what was found, what to do)`` (see :func:`safe_lora._readers.read_bounded`).
+
+        Returns:
+            The bytes read, whose digest matches the Hub's record.
+
+        Raises:
+            AdapterIntegrityError: The bytes do not match the Hub's record, also after downloading them
+                again (online), or the cached copy does not match it (offline).
+            AdapterNotFoundError: As :meth:`fetch`.
+            AdapterAccessError: As :meth:`fetch`.
+            Exception: Whatever ``error`` builds.
+        """
+        size = self.files.get(name)
+        if self.online and size is not None and size > max_bytes:
+            raise error(
+                f"is larger than {max_bytes} bytes ({size} bytes {self.where})",
+                "re-save the adapter, or raise the limit",
+            )
+        recorded = self.recorded_digest(name)
+        got = read_bounded(self.fetch(name), max_bytes=max_bytes, error=error)
+        if recorded is None or _digest(got, recorded[0]) == recorded[1]:
+            return got
+        if self.online:
+            # A cached blob changed on disk, or a download damaged on the way: huggingface_hub never
+            # compares bytes with the record, so download again once, pinned to the commit.
+            logger.info("%s of %s does not match the hub's record; downloading it again.", name, self.label)
+            got = read_bounded(
+                self._download(name, force=True, pinned=True), max_bytes=max_bytes, error=error
+            )
+            if _digest(got, recorded[0]) == recorded[1]:
+                return got
+        self._raise_integrity(name, recorded, _digest(got, recorded[0]))
 
     # --- private -------------------------------------------------------------------------------
 
@@ -208,6 +288,30 @@ class HubFolder:
             path=self.repo_id,
         ) from exc
 
+    def _raise_integrity(self, name: str, recorded: Digest, actual: str) -> NoReturn:
+        kind, expected = recorded
+        path = self.path_in_repo(name)
+        if self.online:
+            how = "also when downloaded again"
+            hint = (
+                "something between you and the hub alters the file (a proxy, a mirror, HF_ENDPOINT?) — "
+                "check the connection and HF_ENDPOINT, and do not load this copy"
+            )
+        else:
+            how = f"{self.where}, filed under the digest the hub announced when it was downloaded"
+            where = f" --cache-dir {self.cache_dir}" if self.cache_dir is not None else ""
+            hint = (
+                f"the cached copy changed on disk — load it once with the hub reachable to download it "
+                f"again, or delete it (`hf cache rm hf://models/{self.repo_id}/{path}{where}`)"
+            )
+        raise AdapterIntegrityError(
+            f"Adapter file integrity check failed: {name} of {self.label} — its bytes do not match the "
+            f"{kind} the Hub recorded — expected {kind} {expected}, found {actual} ({how}) — {hint}.",
+            path=f"{self.repo_id}/{path}",
+            expected=expected,
+            actual=actual,
+        )
+
 
 def open_folder(
     repo_id: str,
@@ -231,7 +335,7 @@ def open_folder(
         local_files_only: Ask the local cache only, as with ``HF_HUB_OFFLINE=1``.
 
     Returns:
-        The folder; :meth:`HubFolder.fetch` gets single files of it.
+        The folder; :meth:`HubFolder.read` (or :meth:`HubFolder.fetch`) gets single files of it.
 
     Raises:
         AdapterNotFoundError: No such repo or revision, or offline (or the hub unreachable, or silent
@@ -279,6 +383,7 @@ def open_folder(
         for s in siblings
         if s.rfilename.startswith(prefix) and "/" not in s.rfilename[len(prefix) :]
     }
+    digests = {s.rfilename: d for s in siblings if (d := _recorded(s)) is not None}
     # Does the cache already map the revision's name to this commit? If not, the first download goes by
     # name so that huggingface_hub records it (see HubFolder._download).
     stale = revision != commit and _cached_commit(repo_id, revision, cache) != commit
@@ -288,6 +393,7 @@ def open_folder(
         files=files,
         repo_files=tuple(sorted(s.rfilename for s in siblings)),
         offline_reason=None,
+        digests=digests,
         _first=_FirstDownload(by_name=stale),
         **common,
     )
@@ -315,7 +421,7 @@ class _Unreachable(Exception):
 
 
 def _ask_hub(repo_id: str, *, revision: str, token: Token) -> tuple[str, list[RepoSibling]]:
-    """``(commit, every file of the repo with its size)`` of ``revision``, from one request."""
+    """``(commit, every file of the repo with size and digest)`` of ``revision``, from one request."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -379,6 +485,27 @@ def _ask_hub(repo_id: str, *, revision: str, token: Token) -> tuple[str, list[Re
             path=repo_id,
         )
     return str(info.sha), list(info.siblings or [])
+
+
+def _recorded(sibling: RepoSibling) -> Digest | None:
+    """The Hub's record of one file in a ``model_info(files_metadata=True)`` answer.
+
+    ``lfs.sha256`` for an LFS file (the sha256 of its content), else ``blob_id`` (the git blob sha1 of
+    its content) -- the same rule as huggingface_hub's own ``verify_repo_checksums``.
+    """
+    lfs = sibling.lfs
+    if lfs is not None:
+        return _digest_or_none("sha256", lfs.sha256)
+    return _digest_or_none("git-sha1", sibling.blob_id)
+
+
+def _digest_or_none(kind: DigestKind, value: object) -> Digest | None:
+    text = str(value).lower() if value else ""
+    return (kind, text) if _HEX[kind].fullmatch(text) else None
+
+
+def _digest(got: FileBytes, kind: DigestKind) -> str:
+    return got.sha256 if kind == "sha256" else git_blob_sha1(got.data)
 
 
 def _from_cache(
@@ -457,6 +584,28 @@ def _cached_file(repo_id: str, path_in_repo: str, cache_dir: str | None, commit:
 
     found = try_to_load_from_cache(repo_id, path_in_repo, cache_dir=cache_dir, revision=commit)
     return Path(found) if isinstance(found, str) else None
+
+
+def _cached_digest(repo_id: str, path_in_repo: str, cache_dir: str | None, commit: str) -> Digest | None:
+    """The digest the cache filed ``path_in_repo`` at ``commit`` under, or ``None``.
+
+    huggingface_hub documents its cache layout (``hf_hub_download``'s docstring, ``CachedFileInfo``):
+    a snapshot's file is a symlink to ``blobs/<name>``, the name being the git sha1 or the sha256 of the
+    file -- the ``X-Linked-Etag`` / ``ETag`` the hub announced for it. So the link's first hop names the
+    record; a further hop may lead into the shared blob store, named otherwise. This is the same single
+    ``readlink`` that ``scan_cache_dir`` does for ``CachedFileInfo.blob_path``; that function is not used
+    because it walks every repo of the cache and drops a whole repo over one stale ref. Where the cache
+    copies files instead of linking them (no symlinks on the system) there is no record: ``None``.
+    """
+    found = _cached_file(repo_id, path_in_repo, cache_dir, commit)
+    if found is None:
+        return None
+    try:
+        blob = os.path.basename(os.readlink(found))
+    except OSError:  # not a link: a copied file carries no name to check against
+        return None
+    kind: DigestKind = "sha256" if len(blob) == 64 else "git-sha1"
+    return _digest_or_none(kind, blob)
 
 
 def _no_answer_error() -> type[Exception]:
