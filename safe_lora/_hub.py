@@ -611,11 +611,14 @@ def _cached_digest(repo_id: str, path_in_repo: str, cache_dir: str | None, commi
 def _no_answer_error() -> type[Exception]:
     """The error of "the hub did not answer": no connection, a timeout, a broken exchange.
 
-    ``model_info`` raises them straight from huggingface_hub's HTTP client (e.g. ``ReadTimeout`` when
-    a hub accepts the connection and stays silent), and ``hf_hub_download`` does on a failed GET. They
-    are not ``OSError`` nor ``TimeoutError``; huggingface_hub re-exports its client module for
-    downstream code as ``huggingface_hub.utils.httpx`` (kept "across major versions"), so the class
-    is taken from there rather than by importing an HTTP client of our own.
+    ``model_info`` raises these straight from huggingface_hub's HTTP client (e.g. ``ReadTimeout`` when
+    a hub accepts the connection and stays silent), and so does ``hf_hub_download`` on a failed GET
+    (read in huggingface_hub 2.4's ``hf_api.py`` and ``file_download.http_get``). They are neither
+    ``OSError`` nor ``TimeoutError``, and no huggingface_hub class wraps them; huggingface_hub
+    re-exports its client module for downstream code as ``huggingface_hub.utils.httpx`` (kept "across
+    major versions"), so the base class is taken from there rather than by importing a client here.
+    A ``ProxyError`` counts as no answer too (huggingface_hub itself raises it instead of falling back):
+    the cache still answers, and the warning names the proxy error.
     """
     # `httpx` is in huggingface_hub.utils.__all__, which is built at run time: mypy cannot see it.
     from huggingface_hub.utils import httpx as client  # type: ignore[attr-defined]
