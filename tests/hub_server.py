@@ -5,15 +5,24 @@ random port, in a thread, and logs every request, so tests can assert what was *
 what came back. It speaks what huggingface_hub 2.4 calls (read from its source, ``hf_api.py``,
 ``file_download.py``, ``utils/_http.py``):
 
-- ``GET /api/models/{repo}[/revision/{rev}]`` (``?blobs=true`` adds sizes): commit ``sha`` and ``siblings``;
-- ``GET /api/models/{repo}/tree/{rev}[/{path}]``: one folder's entries;
+- ``GET /api/models/{repo}[/revision/{rev}]`` (``?blobs=true`` adds ``size``, ``blobId`` and, for an LFS
+  file, ``lfs: {size, sha256, pointerSize}``): commit ``sha`` and ``siblings``;
+- ``GET /api/models/{repo}/tree/{rev}[/{path}]``: one folder's entries (``oid``: the git blob id,
+  ``size``, and for an LFS file ``lfs: {oid, size, pointerSize}``, that ``oid`` being its sha256);
 - ``POST /api/models/{repo}/paths-info/{rev}``: entries of the paths asked for;
-- ``HEAD`` / ``GET /{repo}/resolve/{rev}/{path}``: the file, with ``X-Repo-Commit``, ``ETag`` and
-  ``Content-Length``;
+- ``HEAD`` / ``GET /{repo}/resolve/{rev}/{path}``: the file, with ``X-Repo-Commit``, ``Content-Length``
+  and the Hub's record of it: ``ETag`` = its git blob sha1, or for an LFS file ``X-Linked-Etag`` = its
+  sha256 and ``X-Linked-Size`` (``ETag`` then being the LFS pointer's blob sha1);
 
 and the hub's errors as the client tells them apart (``X-Error-Code``): ``RepoNotFound`` (401, as the
 hub answers anonymous callers), ``RevisionNotFound`` (404), ``EntryNotFound`` (404, with
 ``X-Repo-Commit``), ``GatedRepo`` (401 without a token, 403 with a wrong one).
+
+Files named ``*.safetensors`` or ``*.bin`` are LFS files, as the Hub's default ``.gitattributes`` makes
+them. Three misbehaviours are there to be switched on: :attr:`HubServer.tamper` flips one byte of a
+file's body in transit (headers and metadata keep announcing the true digest), :meth:`HubServer.silenced`
+accepts connections, reads the requests and never answers (a black-holed proxy), and
+:meth:`HubServer.move_ref_after` moves a branch right after a given request was answered.
 
 Tests run the client in a subprocess, because huggingface_hub reads ``HF_ENDPOINT`` and
 ``HF_HUB_OFFLINE`` when it is imported: :meth:`HubServer.run_child` runs named functions of a test
@@ -30,17 +39,45 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 MARK = "/_test/mark/"
+# A silenced request is held at most this long (or until the silence ends), so no thread outlives a test.
+SILENT_LIMIT_S = 300.0
+LFS_SUFFIXES = (".safetensors", ".bin")
+
+
+def is_lfs(path: str) -> bool:
+    """Whether the hub stores ``path`` with Git LFS (here: by suffix, as the default .gitattributes)."""
+    return path.endswith(LFS_SUFFIXES)
+
+
+def git_sha1(data: bytes) -> str:
+    """The git blob id of ``data``: the Hub's record of a non-LFS file."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """The pointer file git stores for an LFS file; its blob id is the file's ``oid`` / ``blobId``."""
+    return b"version https://git-lfs.github.com/spec/v1\noid sha256:%s\nsize %d\n" % (
+        hashlib.sha256(data).hexdigest().encode(),
+        len(data),
+    )
+
+
+def tampered(data: bytes) -> bytes:
+    """``data`` with its middle byte flipped: same length, other digest."""
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
 
 
 @dataclass(frozen=True)
@@ -103,6 +140,12 @@ class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.log: list[Request] = []
+        # "repo/path" of files whose GET body gets one byte flipped in transit.
+        self.tamper: set[str] = set()
+        # While silenced: the event that ends the silence, and which requests it holds (None: all).
+        self._silence: tuple[threading.Event, Callable[[Request], bool] | None] | None = None
+        self._moves: list[tuple[Callable[[Request], bool], str, str, str]] = []
+        self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -127,6 +170,46 @@ class HubServer:
             repo.refs["main"] = repo.refs[next(iter(revisions))]
         return {name: repo.refs[name] for name in revisions}
 
+    def move_ref_after(self, when: Callable[[Request], bool], repo_id: str, ref: str, commit: str) -> None:
+        """Point ``ref`` of ``repo_id`` at ``commit`` once the first request matching ``when`` is answered.
+
+        The move happens after that answer is computed and before it is sent, so the next request the
+        client makes already sees the moved branch.
+        """
+        self._moves.append((when, repo_id, ref, commit))
+
+    # --- misbehaviour -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def silenced(self, when: Callable[[Request], bool] | None = None) -> Iterator[None]:
+        """Inside the block, accept every connection and read its request, but never answer.
+
+        Only the requests matching ``when``, if given (e.g. only downloads). The test markers are always
+        answered, so the request log stays split by child function. Held requests end, unanswered, when
+        the block does (or after :data:`SILENT_LIMIT_S`).
+        """
+        release = threading.Event()
+        self._silence = (release, when)
+        try:
+            yield
+        finally:
+            self._silence = None
+            release.set()
+
+    def _hold_if_silenced(self, request: Request) -> bool:
+        silence = self._silence
+        if silence is None or (silence[1] is not None and not silence[1](request)):
+            return False
+        silence[0].wait(SILENT_LIMIT_S)
+        return True
+
+    def _answered(self, request: Request) -> None:
+        with self._lock:
+            for move in [m for m in self._moves if m[0](request)]:
+                self._moves.remove(move)
+                _, repo_id, ref, commit = move
+                self.repos[repo_id].refs[ref] = commit
+
     # --- life cycle ---------------------------------------------------------------------------
 
     @property
@@ -145,6 +228,8 @@ class HubServer:
 
     def stop(self) -> None:
         """Stop serving and close the port: later connections are refused (an unreachable hub)."""
+        if self._silence is not None:
+            self._silence[0].set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -218,6 +303,25 @@ class Outcome:
     message: str
     warnings: list[list[str]]  # [[category name, message, file name it is blamed on], ...]
     requests: list[Request]
+    error_attrs: dict[str, Any] = field(default_factory=dict)  # e.g. {"path": ..., "expected": ...}
+    seconds: float = 0.0  # how long the function ran, measured in the child from its call
+
+    def reraise(self) -> None:
+        """Raise the child's safe_lora error here, with its message and attributes (for ``pytest.raises``).
+
+        Does nothing when the child function returned normally.
+        """
+        if self.error is None:
+            return
+        from safe_lora import errors
+
+        cls = getattr(errors, self.error, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.SafeLoraError)):
+            raise AssertionError(f"the child raised {self.error}, not a safe_lora error: {self.message}")
+        error = cls.__new__(cls)
+        Exception.__init__(error, self.message)
+        error.__dict__.update(self.error_attrs)
+        raise error
 
     @property
     def downloads(self) -> list[str]:
@@ -248,6 +352,7 @@ def _index(requests: list[Request], path: str, begin: int = 0, later: Iterable[s
 
 class _Handler(BaseHTTPRequestHandler):
     hub: HubServer
+    _request: Request  # the request being answered
     protocol_version = "HTTP/1.0"  # one request per connection: stop() really cuts everyone off
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -270,9 +375,12 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [urllib.parse.unquote(p) for p in raw_parts]
         auth = self.headers.get("Authorization") or ""
         token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
-        self.hub.log.append(Request(self.command, "/".join(parts), urllib.parse.parse_qs(split.query), token))
+        self._request = Request(self.command, "/".join(parts), urllib.parse.parse_qs(split.query), token)
+        self.hub.log.append(self._request)
         if split.path.startswith(MARK):
             return self._send(200, b"ok", body=body)
+        if self.hub._hold_if_silenced(self._request):
+            return None  # read, logged, never answered: the connection just closes when the silence ends
         if parts[1:3] == ["api", "models"] and len(parts) >= 5:
             return self._api(parts, split.query, token, body=body)
         if len(parts) >= 6 and parts[3] == "resolve":
@@ -295,8 +403,7 @@ class _Handler(BaseHTTPRequestHandler):
         blobs = "blobs=true" in query.lower()
         if not rest or rest[0] == "revision":
             siblings = [
-                {"rfilename": p, **({"size": len(d), "blobId": _oid(d)} if blobs else {})}
-                for p, d in sorted(files.items())
+                {"rfilename": p, **(_sibling_blob(p, d) if blobs else {})} for p, d in sorted(files.items())
             ]
             info = {
                 "_id": repo_id,
@@ -341,11 +448,15 @@ class _Handler(BaseHTTPRequestHandler):
         data = repo.commits[commit].get(path)
         if data is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist", body=body, commit=commit)
-        headers = {
-            "X-Repo-Commit": commit,
-            "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-            "Content-Type": "application/octet-stream",
-        }
+        headers = {"X-Repo-Commit": commit, "Content-Type": "application/octet-stream"}
+        if is_lfs(path):  # as the Hub: the content's sha256 in X-Linked-Etag, the pointer's blob id in ETag
+            headers["X-Linked-Etag"] = f'"{hashlib.sha256(data).hexdigest()}"'
+            headers["X-Linked-Size"] = str(len(data))
+            headers["ETag"] = f'"{git_sha1(lfs_pointer(data))}"'
+        else:
+            headers["ETag"] = f'"{git_sha1(data)}"'
+        if body and f"{repo_id}/{path}" in self.hub.tamper:
+            data = tampered(data)  # the headers above still announce the true file
         return self._send(200, data, headers=headers, body=body)
 
     # --- responses ----------------------------------------------------------------------------
@@ -360,6 +471,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps({"error": message}).encode(), headers=headers, body=body)
 
     def _send(self, status: int, data: bytes, *, headers: Mapping[str, str] = {}, body: bool) -> None:
+        self.hub._answered(self._request)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
@@ -369,8 +481,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-def _oid(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+def _sibling_blob(path: str, data: bytes) -> dict[str, Any]:
+    """A sibling's ``?blobs=true`` fields, as huggingface_hub's ``ModelInfo`` parses them."""
+    if not is_lfs(path):
+        return {"size": len(data), "blobId": git_sha1(data)}
+    pointer = lfs_pointer(data)
+    lfs = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": len(pointer)}
+    return {"size": len(data), "blobId": git_sha1(pointer), "lfs": lfs}
+
+
+def _file_entry(path: str, data: bytes) -> dict[str, Any]:
+    """A tree / paths-info entry, as huggingface_hub's ``RepoFile`` parses it (``lfs.oid``: the sha256)."""
+    if not is_lfs(path):
+        return {"type": "file", "oid": git_sha1(data), "size": len(data), "path": path}
+    pointer = lfs_pointer(data)
+    lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)}
+    return {"type": "file", "oid": git_sha1(pointer), "size": len(data), "path": path, "lfs": lfs}
 
 
 def _tree(files: Mapping[str, bytes], folder: str, *, recursive: bool) -> list[dict[str, Any]]:
@@ -382,9 +508,11 @@ def _tree(files: Mapping[str, bytes], folder: str, *, recursive: bool) -> list[d
         rest = path[len(prefix) :].split("/")
         if len(rest) > 1 and not recursive:
             sub = prefix + rest[0]
-            entries.setdefault(sub, {"type": "directory", "oid": _oid(sub.encode()), "size": 0, "path": sub})
+            entries.setdefault(
+                sub, {"type": "directory", "oid": git_sha1(sub.encode()), "size": 0, "path": sub}
+            )
             continue
-        entries[path] = {"type": "file", "oid": _oid(data), "size": len(data), "path": path}
+        entries[path] = _file_entry(path, data)
     return list(entries.values())
 
 
@@ -405,7 +533,14 @@ def child_main(argv: list[str]) -> None:
     for name in argv[1:]:
         function: Callable[[], Any] = getattr(module, name)
         mark(name)
-        outcome: dict[str, Any] = {"value": None, "error": None, "error_types": [], "message": ""}
+        outcome: dict[str, Any] = {
+            "value": None,
+            "error": None,
+            "error_types": [],
+            "message": "",
+            "error_attrs": {},
+        }
+        start = time.monotonic()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -415,9 +550,11 @@ def child_main(argv: list[str]) -> None:
                     error=type(exc).__name__,
                     error_types=[cls.__name__ for cls in type(exc).__mro__],
                     message=str(exc),
+                    error_attrs={k: v for k, v in vars(exc).items() if _jsonable(v)},
                 )
                 if os.environ.get("HUB_TEST_TRACEBACKS"):
                     traceback.print_exc()
+        outcome["seconds"] = time.monotonic() - start
         noise = (DeprecationWarning, FutureWarning)  # the libraries' own deprecations
         outcome["warnings"] = [
             [w.category.__name__, str(w.message), Path(w.filename).name]
@@ -427,6 +564,14 @@ def child_main(argv: list[str]) -> None:
         results[name] = outcome
     mark("_end")
     Path(os.environ["HUB_TEST_OUT"]).write_text(json.dumps(results), encoding="utf-8")
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import save_adapter, tiny_llama
-from hub_server import HubServer, Outcome, folder_files
+from hub_server import HubServer, Outcome, Request, folder_files
 from peft import LoraConfig
 from safetensors.torch import load_file
 
@@ -46,13 +47,15 @@ ONLINE = [
     "child_gated_wrong_token",
     "child_gated_token",
     "child_inspect_pickle_repo",
+    "child_moving_early",
+    "child_moving_late",
 ]
 OFFLINE = ["child_offline_warm", "child_offline_revision", "child_offline_cold", "child_offline_force"]
 UNREACHABLE = ["child_unreachable_warm", "child_unreachable_cold"]
 
 
-def _adapter(root: Path, name: str, seed: int) -> Path:
-    config = LoraConfig(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4, task_type="CAUSAL_LM")
+def _adapter(root: Path, name: str, seed: int, alpha: int = 4) -> Path:
+    config = LoraConfig(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=alpha, task_type="CAUSAL_LM")
     return save_adapter(tiny_llama(), config, root / name, train_steps=1, seed=seed)
 
 
@@ -64,21 +67,41 @@ def _pickle_only(folder: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
-    """Every ``child_*`` function run against the server: online, offline (server up), unreachable."""
+def hub_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Outcome], dict[str, dict[str, str]]]:
+    """Every ``child_*`` function run against the server: online, offline (server up), unreachable;
+    and the commits of every repo (``{repo: {revision: commit}}``)."""
     root = tmp_path_factory.mktemp("hub")
     a, b = _adapter(root, "a", seed=1), _adapter(root, "b", seed=2)
+    c = _adapter(root, "c", seed=3, alpha=8)  # another config: mixing it with a's weights would show
     pickled = _pickle_only(a, root / "pickled")
     broken = shutil.copytree(a, root / "broken")
     (broken / CONFIG).write_text(json.dumps({"peft_type": "NOT_A_TUNER"}), encoding="utf-8")
 
     server = HubServer()
-    server.add_repo("org/adapter", {"main": {**folder_files(a), **EXTRAS}, "v2": folder_files(b)})
-    server.add_repo("org/nested", {"main": {**folder_files(b, "sub/"), **EXTRAS}})
-    server.add_repo("org/pickle-only", {"main": {**folder_files(pickled), **EXTRAS}})
-    server.add_repo("org/no-weights", {"main": {CONFIG: (a / CONFIG).read_bytes(), **EXTRAS}})
-    server.add_repo("org/broken-config", {"main": {**folder_files(broken), **EXTRAS}})
-    server.add_repo("org/gated", {"main": {**folder_files(a), **EXTRAS}}, gated_token=TOKEN)
+    commits = {
+        "org/adapter": server.add_repo(
+            "org/adapter", {"main": {**folder_files(a), **EXTRAS}, "v2": folder_files(b)}
+        ),
+        "org/nested": server.add_repo("org/nested", {"main": {**folder_files(b, "sub/"), **EXTRAS}}),
+        "org/pickle-only": server.add_repo("org/pickle-only", {"main": {**folder_files(pickled), **EXTRAS}}),
+        "org/no-weights": server.add_repo(
+            "org/no-weights", {"main": {CONFIG: (a / CONFIG).read_bytes(), **EXTRAS}}
+        ),
+        "org/broken-config": server.add_repo(
+            "org/broken-config", {"main": {**folder_files(broken), **EXTRAS}}
+        ),
+        "org/gated": server.add_repo("org/gated", {"main": {**folder_files(a), **EXTRAS}}, gated_token=TOKEN),
+    }
+    # Branches that move while a load runs: right after the metadata answer, right after the config.
+    moves: dict[str, Callable[[Request], bool]] = {
+        "org/moving-early": lambda r: r.path == "/api/models/org/moving-early/revision/main",
+        "org/moving-late": lambda r: (
+            r.method == "GET" and r.path == f"/org/moving-late/resolve/main/{CONFIG}"
+        ),
+    }
+    for repo, when in moves.items():
+        commits[repo] = server.add_repo(repo, {"main": folder_files(a), "next": folder_files(c)})
+        server.move_ref_after(when, repo, "main", commits[repo]["next"])
 
     context = root / "context.json"
     context.write_text(json.dumps({"a": str(a), "b": str(b), "cache": str(root / "cache")}), encoding="utf-8")
@@ -91,7 +114,17 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
         done = server.run_child("test_hub", ONLINE, env=env)
         done |= server.run_child("test_hub", OFFLINE, env={**env, "HF_HUB_OFFLINE": "1"})
     done |= server.run_child("test_hub", UNREACHABLE, env=env)  # same HF_ENDPOINT, nobody listening
-    return done
+    return done, commits
+
+
+@pytest.fixture(scope="module")
+def outcomes(hub_run: tuple[dict[str, Outcome], dict[str, dict[str, str]]]) -> dict[str, Outcome]:
+    return hub_run[0]
+
+
+@pytest.fixture(scope="module")
+def commits(hub_run: tuple[dict[str, Outcome], dict[str, dict[str, str]]]) -> dict[str, dict[str, str]]:
+    return hub_run[1]
 
 
 def files_of(outcome: Outcome) -> set[str]:
@@ -103,19 +136,25 @@ def files_of(outcome: Outcome) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("scenario", "repo", "downloads"),
+    ("scenario", "repo", "revision", "downloads", "cache_knows_revision"),
     [
-        ("child_load_by_id", "org/adapter", [CONFIG, SAFETENSORS]),
-        ("child_revision", "org/adapter", [CONFIG, SAFETENSORS]),
-        ("child_subfolder", "org/nested", [f"sub/{CONFIG}", f"sub/{SAFETENSORS}"]),
-        ("child_training_by_id", "org/adapter", [CONFIG, SAFETENSORS]),
-        ("child_force_download", "org/adapter", [CONFIG, SAFETENSORS]),
-        ("child_gated_token", "org/gated", [CONFIG, SAFETENSORS]),
-        ("child_pickle_allowed", "org/pickle-only", [CONFIG, PICKLE]),
+        ("child_load_by_id", "org/adapter", "main", [CONFIG, SAFETENSORS], False),
+        ("child_revision", "org/adapter", "v2", [CONFIG, SAFETENSORS], False),
+        ("child_subfolder", "org/nested", "main", [f"sub/{CONFIG}", f"sub/{SAFETENSORS}"], False),
+        ("child_training_by_id", "org/adapter", "main", [CONFIG, SAFETENSORS], False),
+        ("child_force_download", "org/adapter", "main", [CONFIG, SAFETENSORS], True),
+        ("child_gated_token", "org/gated", "main", [CONFIG, SAFETENSORS], False),
+        ("child_pickle_allowed", "org/pickle-only", "main", [CONFIG, PICKLE], False),
     ],
 )
 def test_load_by_id_equals_the_local_folder_and_fetches_two_files(
-    outcomes: dict[str, Outcome], scenario: str, repo: str, downloads: list[str]
+    outcomes: dict[str, Outcome],
+    commits: dict[str, dict[str, str]],
+    scenario: str,
+    repo: str,
+    revision: str,
+    downloads: list[str],
+    cache_knows_revision: bool,
 ) -> None:
     outcome = outcomes[scenario]
     assert outcome.error is None, outcome.message
@@ -123,12 +162,33 @@ def test_load_by_id_equals_the_local_folder_and_fetches_two_files(
     # The config first (a broken one never costs the weights), then the weights; nothing else.
     assert outcome.downloads == [f"{repo}/{name}" for name in downloads]
     assert outcome.touched == [f"{repo}/{name}" for name in downloads for _ in ("HEAD", "GET")]
-    # One metadata question, at the revision asked for; every file at the commit it named.
-    api = [r for r in outcome.requests if r.path.startswith("/api/")]
-    assert len(api) == 1
-    commits = {r.path.split("/")[4] for r in outcome.requests if r.resolved_file}
-    assert len(commits) == 1
-    assert len(commits.pop()) == 40
+    # One metadata question, at the revision asked for. Every file at the commit it named -- except
+    # the first, by the revision's name, while the cache does not map that name to the commit yet:
+    # huggingface_hub then records the mapping itself, which an offline load by name needs.
+    api = [r.path for r in outcome.requests if r.path.startswith("/api/")]
+    assert api == [f"/api/models/{repo}/revision/{revision}"]
+    commit = commits[repo][revision]
+    first = commit if cache_knows_revision else revision
+    at = [(r.resolved_file, r.path.split("/")[4]) for r in outcome.requests if r.resolved_file]
+    assert at == [(downloads[0], first)] * 2 + [(downloads[1], commit)] * 2
+
+
+@pytest.mark.parametrize("scenario", ["child_moving_early", "child_moving_late"])
+def test_config_and_weights_come_from_one_commit_while_the_branch_moves(
+    outcomes: dict[str, Outcome], commits: dict[str, dict[str, str]], scenario: str
+) -> None:
+    """The branch moves to another config right after the metadata answer (early) or the config (late)."""
+    outcome = outcomes[scenario]
+    repo = f"org/{scenario.removeprefix('child_').replace('_', '-')}"
+    assert outcome.value == {"equal": True}, outcome.message  # a's config with a's weights
+    listed = commits[repo]["main"]
+    weights_at = {r.path.split("/")[4] for r in outcome.requests if r.resolved_file == SAFETENSORS}
+    assert weights_at == {listed}
+    config_at = [
+        r.path.split("/")[4] for r in outcome.requests if r.method == "GET" and r.resolved_file == CONFIG
+    ]
+    # Early: the name already gave the other commit's config; it is fetched again at the listed commit.
+    assert config_at == (["main", listed] if scenario == "child_moving_early" else ["main"])
 
 
 def test_revision_is_asked_for_by_name(outcomes: dict[str, Outcome]) -> None:
@@ -335,6 +395,14 @@ def child_inspect_pickle_repo() -> dict[str, Any]:
     from safe_lora import inspect_adapter
 
     return inspect_adapter("org/pickle-only", cache_dir=_cache("inspect")).to_dict()
+
+
+def child_moving_early() -> dict[str, bool]:
+    return _same_as_local("org/moving-early", "a", cache_dir=_cache("moving-early"))
+
+
+def child_moving_late() -> dict[str, bool]:
+    return _same_as_local("org/moving-late", "a", cache_dir=_cache("moving-late"))
 
 
 def child_offline_warm() -> dict[str, bool]:
