@@ -390,7 +390,7 @@ def _check_unpinned(found: AdapterOnDisk, options: DiskOptions) -> None:
 
 
 def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
-    from safe_lora._signing import SIGNATURE_NAME, verify_signed_digests
+    from safe_lora._signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, verify_signed_digests
 
     source = found.source
     if SIGNATURE_NAME not in source.present:
@@ -409,7 +409,7 @@ def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
     signature = _read(
         found,
         SIGNATURE_NAME,
-        16 << 20,
+        MAX_SIGNATURE_BYTES,
         _integrity_error(source.where(SIGNATURE_NAME)),
         "signature",
     )
@@ -418,7 +418,7 @@ def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
     found.files[SIGNATURE_NAME] = signature
     digests = {name: file.sha256 for name, file in found.files.items() if name != SIGNATURE_NAME}
     try:
-        verify_signed_digests(signature, digests, signed_by=options.signed_by, where=source.label)
+        verify_signed_digests(signature, digests, signed_by=options.signed_by, where=source.location)
     except AdapterIntegrityError as exc:
         found.findings.append(Finding.refusal("signature", exc))
 

@@ -102,6 +102,14 @@ class AdapterSource:
         assert self.folder is not None
         return os.fspath(self.folder / name)
 
+    @property
+    def location(self) -> str:
+        """The folder itself, for messages and the paths errors carry: a path, or ``repo/sub``."""
+        if self.hub is not None:
+            return "/".join(part for part in (self.hub.repo_id, self.hub.subfolder) if part)
+        assert self.folder is not None
+        return os.fspath(self.folder)
+
     def kind(self, name: str) -> str | None:
         """What a local file is when it is not a regular file (see :func:`special_file`); ``None``
         for a regular file or any hub file (the hub serves files only)."""
@@ -121,11 +129,7 @@ class AdapterSource:
             AdapterNotFoundError, AdapterAccessError: The hub could not serve the file.
         """
         if self.hub is not None:
-            read = getattr(self.hub, "read", None)
-            if read is not None:
-                file: FileBytes = read(name, max_bytes=max_bytes, error=error)
-                return file
-            return read_bounded(self.hub.fetch(name), max_bytes=max_bytes, error=error)
+            return self.hub.read(name, max_bytes=max_bytes, error=error)
         assert self.folder is not None
         return read_bounded(self.folder / name, max_bytes=max_bytes, error=error)
 
