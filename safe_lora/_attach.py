@@ -39,7 +39,7 @@ from torch import nn
 
 from safe_lora._checks import AdapterOnDisk, Finding, raise_first
 from safe_lora._fit import Expected, expected_state, fit_findings
-from safe_lora._meta import MetaTwins, shielded
+from safe_lora._meta import MetaTwins, on_meta, shielded
 from safe_lora._patterns import resolve_patterns
 from safe_lora._peft import (
     INJECTION_MODES,
@@ -164,7 +164,7 @@ def inject_checked(
         try:
             with _recorded_warnings() as recorded:
                 try:
-                    with torch.device("meta") if mode == "meta" else nullcontext():
+                    with on_meta() if mode == "meta" else nullcontext():
                         peft_model = _inject(
                             target,
                             copy.deepcopy(shapes_config(config)),
@@ -173,9 +173,14 @@ def inject_checked(
                             low_cpu=mode != "meta",
                             options=options,
                         )
-                    deferred = tuple(f"{prefix}." for prefix in complete_deferred(peft_model, name))
+                    built_later = complete_deferred(peft_model, name)
+                    deferred = tuple(f"{prefix}." for prefix in built_later)
                     expected = expected_state(peft_model, name, file_keys=set(header))
-                    expected.deferred = {k for k in header if deferred and k.startswith(deferred)}
+                    expected.deferred = {
+                        f"{prefix}.{tensor}"  # module paths of a PeftModel are saved keys' prefixes
+                        for prefix, tensors in built_later.items()
+                        for tensor in tensors
+                    }
                 except Exception as exc:  # PEFT raises ValueError/TypeError/KeyError/RuntimeError/...
                     failure = exc
                     if twins is not None:
@@ -335,7 +340,6 @@ def attach(
                 config,
                 tensors,
                 expected=injected.expected,
-                deferred=injected.deferred,
                 name=name,
                 training=training,
                 strict=strict,
@@ -462,7 +466,6 @@ def _load_default(
     tensors: dict[str, torch.Tensor],
     *,
     expected: Expected,
-    deferred: tuple[str, ...] = (),
     name: str,
     training: bool,
     strict: bool,
@@ -516,33 +519,9 @@ def _load_default(
                 path=adapter.weights_path,
                 unexpected_keys=nowhere,
             )
-        if deferred and strict:
-            _refuse_missing_deferred(peft_model, adapter, name, deferred)
         if options.low_cpu_mem_usage:
             _refuse_meta(peft_model, adapter, name)
     return peft_model, recorded, [*report.dropped, *nowhere]
-
-
-def _refuse_missing_deferred(
-    peft_model: PeftModel, adapter: AdapterOnDisk, name: str, deferred: tuple[str, ...]
-) -> None:
-    """The file must hold the tensors of the structure PEFT built late (their keys are known only now)."""
-    marker = f".{name}."
-    built = {
-        key.replace(marker, ".", 1)
-        for key, _ in (*peft_model.named_parameters(), *peft_model.named_buffers())
-        if key.startswith(deferred) and marker in key
-    }
-    missing = sorted(built - set(adapter.header))
-    if missing:
-        raise AdapterWeightsError(
-            f"Adapter weights do not match the config in {adapter.weights_path!r}: missing {len(missing)} key(s) "
-            f"the config's targets expect: {_fmt_keys(missing)} — a partial adapter silently does less than it "
-            f"should (the config enables a variant the weights were not saved with) — re-save the adapter, or "
-            f"fix the config.",
-            path=adapter.weights_path,
-            missing_keys=missing,
-        )
 
 
 def _load_dispatched(

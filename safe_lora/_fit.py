@@ -22,6 +22,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 
 from safe_lora._checks import Finding
+from safe_lora._meta import on_meta
 from safe_lora._peft import EMBEDDING_LAYER_NAMES, SAVED_PREFIX, BaseTunerLayer
 from safe_lora._readers import TensorInfo, dtype_name
 from safe_lora.errors import AdapterWeightsError, BaseModelMismatchWarning, _fmt_keys
@@ -41,8 +42,8 @@ class Expected:
         shapes: ``{key: shape}`` as ``save_pretrained`` writes the keys (adapter name removed).
         floating: ``{key: whether the tensor is floating point}`` (index buffers are integers).
         optional: Keys PEFT also accepts: embedding layers saved whole (``save_embedding_layers``).
-        deferred: The file's keys for structure PEFT builds later, not on the meta device (MonteCLoRA's
-            sampler): checked when PEFT's default path builds it.
+        deferred: Keys of tensors PEFT creates later, not on the meta device (MonteCLoRA's sampler):
+            the file must hold them like the others; their shapes are checked when PEFT builds them.
     """
 
     shapes: dict[str, Shape]
@@ -62,7 +63,8 @@ def expected_state(peft_model: PeftModel, adapter_name: str, *, file_keys: set[s
     PEFT also accepts (embedding layers saved whole) are asked for only when ``file_keys`` holds keys
     beyond the adapter's own: that walks the model a second time.
     """
-    with warnings.catch_warnings():
+    # on_meta: PEFT's prompt-learning path ends in `.cpu()`, which a meta tensor cannot do.
+    with warnings.catch_warnings(), on_meta():
         warnings.simplefilter("ignore")  # "Could not identify embedding layer(s)": irrelevant here
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
         expected = Expected(
@@ -97,7 +99,7 @@ def fit_findings(
         strict: Whether missing or unexpected keys refuse the load.
         vocab_size: The model's vocabulary size, to recognise embeddings resized during training.
     """
-    missing = sorted(set(expected.shapes) - set(header))
+    missing = sorted((set(expected.shapes) | expected.deferred) - set(header))
     unexpected = sorted(k for k in header if not expected.known(k))
     mismatched = {
         key: (header[key].shape, shape)

@@ -31,6 +31,7 @@ from safe_lora._checks import (
 )
 from safe_lora._config import dropout_rates, prepared_copy
 from safe_lora._fit import evidence_findings
+from safe_lora._meta import on_meta
 from safe_lora._peft import TASK_CLASSES
 from safe_lora._rollback import Snapshot
 from safe_lora._source import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, WeightsFormat, open_source
@@ -206,8 +207,10 @@ def inspect_adapter(
         base_model: The model to check against: an ``nn.Module``, or the folder / hub id of a base
             model, whose ``config.json`` alone is read and built on the meta device (nothing else is
             downloaded, nothing allocated).
-        allow_pickle: Judge a pickle-only adapter as a loader called with ``allow_pickle=True`` would
-            (a warning instead of an error); the pickle is still never opened.
+        allow_pickle: Judge a pickle-only adapter as a loader called with ``allow_pickle=True`` would: a
+            warning instead of an error, and the pickle read as the loaders read it
+            (``torch.load(weights_only=True)``, which builds tensors only). Without it a pickle is never
+            opened.
         check_values: Scan the tensors for NaN/inf and for an all-zero (no-op) adapter.
         strict: Judge missing or unexpected keys as a loader with this ``strict`` would.
         expected_sha256: Pinned digests, as the loaders take them.
@@ -249,7 +252,9 @@ def inspect_adapter(
             expected_sha256=expected_sha256,
             signed_by=signed_by,
             exhaustive=True,
-            unpickle=False,  # a report never opens a pickle
+            # A pickle is opened only when the caller allows it, as the loaders would open it
+            # (torch.load(weights_only=True)): then the verdict is theirs too.
+            unpickle=allow_pickle,
         ),
     )
     findings = list(found.findings)
@@ -268,6 +273,7 @@ def _check_against(
     """The loaders' check against ``model`` (:func:`safe_lora._attach.inject_checked`), undone."""
     target = unwrap(model)
     snapshot = Snapshot(target)
+    findings: list[Finding] = []  # a pattern refused by prepare_for_model comes before the evidence
     try:
         prepared = prepare_for_model(
             prepared_copy(config, dropout=0.0, inference_mode=True),
@@ -321,7 +327,7 @@ def _base(
     model_config = _model_config(name, token=token, cache_dir=cache_dir)
     task = getattr(config.task_type, "value", config.task_type)
     cls: Any = getattr(transformers, TASK_CLASSES.get(str(task), "AutoModel"))
-    with torch.device("meta"):
+    with on_meta():
         model = cls.from_config(model_config)
     model.config.name_or_path = name
     model.name_or_path = name

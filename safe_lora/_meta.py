@@ -11,6 +11,10 @@ it cost nothing and allocate nothing. Two tools build on that:
   injection created around them.
 * :func:`skeleton` builds a structural copy of a model whose tensors are all twins, for questions
   that need the structure but must leave the model itself alone.
+
+:func:`on_meta` is the device context PEFT's code runs under here: ``torch.device("meta")``, plus the
+factory torch leaves out of it (``torch.normal(mean, std, size)``, PEFT's multitask prompt init) and
+``.cpu()`` of a meta tensor (PEFT's prompt embedding to save).
 """
 
 from __future__ import annotations
@@ -22,8 +26,48 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["MetaTwins", "shielded", "skeleton", "twin_of"]
+__all__ = ["MetaTwins", "on_meta", "shielded", "skeleton", "twin_of"]
+
+
+class _MetaFactories(TorchFunctionMode):
+    """What ``torch.device("meta")`` leaves out, for code written for real tensors to run on meta ones.
+
+    * ``torch.normal(mean, std, size)`` goes on the meta device, as ``torch.randn`` does: torch leaves
+      ``normal`` out of its device constructors (its tensor overloads take no device), so a size read
+      from a config would otherwise be allocated for real.
+    * ``tensor.cpu()`` of a meta tensor stays that tensor (torch cannot copy out of the meta device):
+      PEFT's ``get_prompt_embedding_to_save`` ends in ``.cpu()``, and only the shape is wanted here.
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.normal and ("size" in kwargs or len(args) >= 3) and kwargs.get("device") is None:
+            kwargs["device"] = torch.device("meta")
+        elif func is torch.Tensor.cpu and args and getattr(args[0], "is_meta", False):
+            return args[0]
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def on_meta() -> Iterator[None]:
+    """Tensors created inside are on the meta device (``torch.device("meta")`` and ``torch.normal``),
+    and a meta tensor's ``.cpu()`` stays on it.
+
+    Example:
+        >>> with on_meta():
+        ...     torch.normal(mean=0.0, std=0.02, size=(5_000_000, 512)).cpu().device
+        device(type='meta')
+    """
+    with torch.device("meta"), _MetaFactories():
+        yield
 
 
 def twin_of(tensor: torch.Tensor, *, plain: bool = False) -> torch.Tensor:

@@ -36,6 +36,8 @@ from peft.utils.constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SH
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from safe_lora._meta import on_meta, skeleton
+
 __all__ = [
     "EMBEDDING_LAYER_NAMES",
     "INCLUDE_LINEAR_LAYERS_SHORTHAND",
@@ -61,6 +63,7 @@ __all__ = [
     "check_target_module_exists",
     "complete_deferred",
     "config_class",
+    "external_reads",
     "import_allowed",
     "init_keeps_base",
     "intercept_load_state_dict",
@@ -71,6 +74,7 @@ __all__ = [
     "peft_type_name",
     "remap_keys",
     "replicate_layers",
+    "replicated_depth",
     "rewrites_base",
     "set_layer_active_adapters",
     "shapes_config",
@@ -287,6 +291,29 @@ def shapes_config(config: PeftConfig) -> PeftConfig:
     return shaped
 
 
+# Config fields naming something outside the adapter that PEFT reads while it injects, whatever the
+# adapter's files hold: MultitaskPromptEmbedding.__init__ loads the source-task prompts
+# (safetensors' load_file or torch.load) for its three source-task inits; ShadowModel downloads and
+# instantiates the shadow backbone (AutoModel.from_pretrained) unless it is "mirror".
+_SOURCE_TASK_INITS = frozenset({"AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"})
+
+
+def external_reads(config: PeftConfig) -> dict[str, str]:
+    """``{field: value}`` for each resource outside the adapter that PEFT would read to inject it."""
+    kind = peft_type_name(config)
+    reads = {}
+    if kind == "MULTITASK_PROMPT_TUNING":
+        init = getattr(config, "prompt_tuning_init", None)
+        path = getattr(config, "prompt_tuning_init_state_dict_path", None)
+        if str(getattr(init, "name", init)) in _SOURCE_TASK_INITS and path is not None:
+            reads["prompt_tuning_init_state_dict_path"] = str(path)
+    if kind == "SHADOW":
+        shadow = getattr(config, "shadow_model", "mirror")
+        if shadow != "mirror":
+            reads["shadow_model"] = str(shadow)
+    return reads
+
+
 # Index buffers PEFT saves as integers: SHiRA, SuperTuning, UniLoRA (save_indices), FRoD
 # (save_projection), VBLoRA (save_only_topk_weights).
 INTEGER_SLOTS = frozenset(
@@ -398,6 +425,18 @@ PATTERN_FIELDS: tuple[PatternField, ...] = (
 )
 
 
+# Fields of module names PEFT compares with every module name (``check_target_module_exists``: an entry
+# selects a module it equals, or whose name ends with "." + the entry).
+_LITERAL_LISTS = ("target_modules", "exclude_modules")
+
+
+def literal_lists(config: PeftConfig) -> list[str]:
+    """The fields of ``config`` that are lists (or sets) of module names PEFT matches as dotted suffixes."""
+    if peft_type_name(config) in _NOT_MATCHED:
+        return []
+    return [name for name in _LITERAL_LISTS if isinstance(getattr(config, name, None), (list, set, frozenset, tuple))]
+
+
 def pattern_fields(config: PeftConfig) -> list[tuple[PatternField, str]]:
     """``(how PEFT reads it, field name)`` for every field of ``config`` that holds patterns."""
     peft_type = peft_type_name(config)
@@ -429,19 +468,21 @@ def pattern_fields(config: PeftConfig) -> list[tuple[PatternField, str]]:
     return found
 
 
-def complete_deferred(peft_model: nn.Module, adapter_name: str) -> list[str]:
-    """Build what PEFT defers while an adapter's tensors are on the meta device; return the module
-    paths of what cannot be built there (their saved tensors are PEFT's to create later).
+def complete_deferred(peft_model: nn.Module, adapter_name: str) -> dict[str, list[str]]:
+    """Build what PEFT defers while an adapter's tensors are on the meta device; return, for each
+    module path where that cannot be done, the names of the tensors PEFT will create there.
 
     PEFT 0.21's MonteCLoRA variant (peft/tuners/lora/variants.py, ``MontecloraLinearVariant.init``)
     skips creating its sampler when ``lora_A`` is on the meta device and creates it at the first
-    forward; its tensors are saved all the same. The sampler reads values while it is built
-    (``Tensor.item()``), so it cannot be built on meta: its keys are then known to be PEFT's, and its
-    shapes are checked when PEFT's default path builds it.
+    forward; its tensors are saved all the same. The sampler reads values while it is built (its
+    ``Wishart`` checks its arguments with ``Tensor.item()``), so it cannot be built on meta. Its
+    tensors' *names* do not depend on its sizes: they are read from a sampler PEFT builds with every
+    size 1 (a few bytes, on a forked RNG); their shapes are checked when PEFT's default path builds
+    the real one.
     """
     from peft.tuners.lora.variants import MontecloraLinearVariant
 
-    deferred = []
+    deferred: dict[str, list[str]] = {}
     for name, module in peft_model.named_modules():
         configs = getattr(module, "_lora_monteclora_config", None)
         samplers = getattr(module, "lora_monteclora_sampler", None)
@@ -449,13 +490,38 @@ def complete_deferred(peft_model: nn.Module, adapter_name: str) -> list[str]:
             continue
         if adapter_name in configs and adapter_name not in samplers:
             try:
-                with torch.device("meta"):
+                with on_meta():
                     samplers[adapter_name] = MontecloraLinearVariant._create_sampler(
                         module, adapter_name, configs[adapter_name]
                     )
             except (RuntimeError, NotImplementedError):
-                deferred.append(f"{name}.lora_monteclora_sampler")
+                deferred[f"{name}.lora_monteclora_sampler"] = _sampler_tensor_names(configs[adapter_name])
     return deferred
+
+
+def _sampler_tensor_names(monteclora_config: Any) -> list[str]:
+    from peft.tuners.lora.monteclora import MontecloraSampler
+
+    with torch.random.fork_rng(devices=[]):
+        tiny = MontecloraSampler(
+            in_features=1,
+            out_features=1,
+            num_samples=1,
+            use_entropy=monteclora_config.use_entropy,
+            buffer_size=1,
+            device="cpu",
+            dtype=torch.float32,
+        )
+    return sorted(name for name, _ in (*tiny.named_parameters(), *tiny.named_buffers()))
+
+
+def replicated_depth(config: PeftConfig) -> int | None:
+    """How many layers LoRA's ``layer_replication`` builds (``replicate_layers``: one per index of every
+    ``[start, end)`` range), or ``None`` without replication."""
+    layer_map = getattr(config, "layer_replication", None)
+    if not layer_map:
+        return None
+    return sum(max(0, int(end) - int(start)) for start, end in layer_map)
 
 
 def module_names_matched(model: nn.Module, config: PeftConfig) -> list[str]:
@@ -469,8 +535,6 @@ def module_names_matched(model: nn.Module, config: PeftConfig) -> list[str]:
     layer_map = getattr(config, "layer_replication", None)
     if not layer_map:
         return [name for name, _ in model.named_modules()]
-    from safe_lora._meta import skeleton
-
     copy_ = skeleton(model, plain=True)  # names only: no parameter class needs to survive a deepcopy
     replicate_layers(copy_, layer_map)
     return [name for name, _ in copy_.named_modules()]
