@@ -41,8 +41,10 @@ from safe_lora._peft import (
     SAVED_PREFIX,
     TUNER_PREFIX,
     check_target_module_exists,
+    external_reads,
     layer_param_names,
     peft_type_name,
+    replicated_depth,
     rewrites_base,
     tuner_class,
 )
@@ -449,6 +451,10 @@ def _parse_config(found: AdapterOnDisk, file: FileBytes, options: DiskOptions) -
     except AdapterConfigError as exc:
         add(Finding.refusal("config-invalid", exc))
         return
+    long = _long_fields(raw, _weights_size(found.source))
+    if long:
+        add(Finding.refusal("config-oversized", _oversized(where, long, _weights_size(found.source)), ()))
+        return
     bad = nonfinite_fields(raw)
     if bad:
         add(
@@ -461,6 +467,19 @@ def _parse_config(found: AdapterOnDisk, file: FileBytes, options: DiskOptions) -
         parsed = parse_config(raw, path=where)
     except AdapterConfigError as exc:
         add(Finding.refusal("config-not-adapter" if exc.fields == ["peft_type"] else "config-invalid", exc))
+        return
+    outside = external_reads(parsed.config)
+    if outside:
+        named = "; ".join(f"{field}={value!r}" for field, value in sorted(outside.items()))
+        error = AdapterConfigError(
+            f"Adapter config makes PEFT read a resource outside the adapter in {where!r}: {named} — "
+            f"expected a config whose injection needs only the adapter's own files (PEFT loads these "
+            f"while it builds the layers, whatever the weights file holds) — load it with PEFT directly "
+            f"if you trust what the field names, or ask its author for a self-contained adapter.",
+            path=where,
+            fields=sorted(outside),
+        )
+        add(Finding.refusal("config-external", error))
         return
     if parsed.refused:
         add(
@@ -480,6 +499,53 @@ def _parse_config(found: AdapterOnDisk, file: FileBytes, options: DiskOptions) -
             )
         )
     found.config = found.saved_config = parsed.config
+
+
+# What the weights file's size allows a config's lists to hold: every entry of a list PEFT acts on
+# (target names, token indices, layer ranges, pattern keys) stands for at least one number in the file,
+# and a number takes at least half a byte (F4). The floor keeps small legitimate files clear.
+_ENTRIES_FLOOR = 4096
+
+
+def _weights_size(source: AdapterSource) -> int | None:
+    sizes = [source.present.get(name) for name in (SAFETENSORS_NAME, PICKLE_NAME) if name in source.present]
+    known = [s for s in sizes if s is not None]
+    return max(known) if known else None
+
+
+def _long_fields(raw: Mapping[str, Any], weights_bytes: int | None) -> dict[str, int]:
+    """The config's lists and dicts longer than the weights file could back, by dotted name.
+
+    Walked without recursion, before PEFT builds anything from them: PEFT processes such fields one
+    entry at a time (a 2-million-entry ``trainable_token_indices`` costs it tens of seconds and GBs),
+    and copying the config costs as much again.
+    """
+    if weights_bytes is None:
+        return {}
+    limit = max(2 * weights_bytes, _ENTRIES_FLOOR)
+    found: dict[str, int] = {}
+    stack: list[tuple[str, Any]] = list(raw.items())
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, (list, dict)):
+            if len(value) > limit:
+                found[where] = len(value)
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]", v) for k, v in items)
+    return dict(sorted(found.items()))
+
+
+def _oversized(where: str, long: Mapping[str, int], weights_bytes: int | None) -> AdapterConfigError:
+    shown = ", ".join(f"{name} ({count:,} entries)" for name, count in list(long.items())[:10])
+    return AdapterConfigError(
+        f"Adapter config claims more than its weights can back in {where!r}: {shown} — expected at most one "
+        f"entry per number in the {weights_bytes:,}-byte weights file (each entry names modules, tokens or "
+        f"layers the weights must then fill) — the config was edited or belongs to another adapter; re-save "
+        f"the adapter with save_pretrained.",
+        path=where,
+        fields=list(long),
+    )
 
 
 def config_findings(config: PeftConfig) -> list[Finding]:
@@ -662,6 +728,23 @@ def _check_tensors(found: AdapterOnDisk, options: DiskOptions) -> None:
         )
         return
     config = found.config
+    depth = replicated_depth(config) if config is not None else None
+    if depth is not None and depth > len(header):
+        add(
+            Finding.refusal(
+                "config-oversized",
+                AdapterConfigError(
+                    f"Adapter config claims more than its weights can back in {found.source.where(CONFIG_NAME)!r}: "
+                    f"layer_replication builds {depth:,} layers, and the weights file holds {len(header):,} "
+                    f"tensors — expected at most one replicated layer per tensor (each replicated layer is a "
+                    f"module the adapter's targets select again, to be filled by the file) — re-save the adapter, "
+                    f"or fix 'layer_replication'.",
+                    path=found.source.where(CONFIG_NAME),
+                    fields=["layer_replication"],
+                ),
+            )
+        )
+        return
     if config is not None:
         bad = wrong_dtypes(config, header)
         if bad:

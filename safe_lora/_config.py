@@ -45,9 +45,12 @@ __all__ = [
     "wrong_types",
 ]
 
-# save_pretrained writes a few KiB of config; the cap only keeps a huge or endless file (a FIFO
-# swapped in, /proc, a multi-GB blob) from being read into memory whole.
-CONFIG_MAX_BYTES = 16 * 1024 * 1024
+# save_pretrained writes a few KiB of config; the largest legitimate ones (thousands of target names,
+# tens of thousands of trainable token indices) stay in the hundreds of KiB. The cap keeps a huge or
+# endless file (a FIFO swapped in, /proc, a multi-GB blob) from being read -- and bounds what parsing
+# it can cost: JSON's smallest containers ("[]," -- 3 bytes each) become ~60-byte Python objects, so
+# 4 MiB of JSON stays under ~100 MiB of memory.
+CONFIG_MAX_BYTES = 4 * 1024 * 1024
 # Read by PEFT's from_json_file and thrown away ("Runtime configurations are only valid at runtime").
 _PEFT_DROPS = frozenset({"runtime_config"})
 

@@ -179,7 +179,7 @@ class HubFolder:
         if self.online and size is not None and size > max_bytes:
             raise error(
                 f"is larger than {max_bytes} bytes ({size} bytes {self.where})",
-                "re-save the adapter, or raise the limit",
+                "re-save the adapter with save_pretrained (its files stay far below this bound)",
             )
         recorded = self.recorded_digest(name)
         got = read_bounded(self.fetch(name), max_bytes=max_bytes, error=error)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import regex
 from peft import PeftConfig
 
-from safe_lora._peft import PatternField, Template, pattern_fields
+from safe_lora._peft import PatternField, Template, literal_lists, pattern_fields
 from safe_lora.errors import AdapterConfigError
 
 __all__ = ["PATTERN_BUDGET_S", "pattern_key", "resolve_patterns"]
@@ -35,7 +35,7 @@ __all__ = ["PATTERN_BUDGET_S", "pattern_key", "resolve_patterns"]
 # The time all pattern matching of one config may take, in seconds. Legitimate patterns over the
 # module names of a large model take milliseconds; the bound only has to stop a pattern that would
 # never finish, well inside the few seconds a refusal may cost.
-PATTERN_BUDGET_S = 2.0
+PATTERN_BUDGET_S = 1.0
 
 # A pattern that matches nothing (what a key that selected no module becomes).
 _NOTHING = "(?!)"
@@ -141,9 +141,22 @@ def resolve_patterns(
         '(?:a\\\\.q_proj)'
     """
     fields = pattern_fields(config)
-    if not fields:
+    lists = literal_lists(config)
+    if not fields and not lists:
         return config
     resolved = copy.deepcopy(config)
+    if lists:
+        # Names, not patterns -- but PEFT compares every module with every entry, and condenses long
+        # lists in quadratic time (_find_minimal_target_modules): a list of 150,000 made-up names takes
+        # it hours. An entry selects a module it equals or is a dotted suffix of; the entries that
+        # select nothing on this model are dropped, in linear time, and the rest kept as written --
+        # except that up to 10 of them stay when none selects anything, so that PEFT says what it
+        # says of such a list ("Target modules {...} not found"), naming them.
+        suffixes = {".".join(parts[i:]) for n in names if n for parts in [n.split(".")] for i in range(len(parts))}
+        for name in lists:
+            value = getattr(config, name)
+            kept = [entry for entry in value if entry in suffixes] or list(value)[:10]
+            setattr(resolved, name, type(value)(kept) if isinstance(value, (set, frozenset)) else kept)
     budget = _Budget(time.monotonic() + budget_s)
     for spec, name in fields:
         try:

@@ -206,6 +206,9 @@ def run_everywhere(folder: Path, kind: Base, **kwargs: Any) -> Verdict:
     inspect may only raise ``AdapterNotFoundError``; its report must serialise as strict JSON. A loader
     either raises a ``SafeLoraError`` and leaves the model bit-identical (values, module tree,
     ``training`` flags, ``requires_grad``), or loads cleanly. Any other exception fails the test.
+
+    One truth per check: ``inspect_adapter(folder, base_model=model)`` must say ``loads_safely``
+    exactly when ``load_for_inference(model, folder)`` accepts the folder, and leave the model as it was.
     """
     verdict = Verdict()
     with no_hang():
@@ -217,6 +220,12 @@ def run_everywhere(folder: Path, kind: Base, **kwargs: Any) -> Verdict:
             json.dumps(report.to_dict(), allow_nan=False)
             verdict.inspect_codes = [f.code for f in report.findings]
             verdict.inspect_ok = report.loads_safely
+        with_base: bool | None = None
+        base = make_base(kind)
+        before_inspect = snapshot(base)
+        with contextlib.suppress(AdapterNotFoundError):
+            with_base = inspect_adapter(folder, base_model=base, **kwargs).loads_safely
+        assert_unchanged(base, before_inspect)
         for name, loader in LOADERS.items():
             model = make_base(kind)
             before = snapshot(model)
@@ -232,6 +241,12 @@ def run_everywhere(folder: Path, kind: Base, **kwargs: Any) -> Verdict:
             if loaded is not None:
                 assert_clean_load(loaded, kind, folder)
                 verdict.errors[name] = None
+    if with_base is not None:
+        loaded_fine = verdict.errors["inference"] is None
+        assert with_base is loaded_fine, (
+            f"inspect_adapter(base_model=...) says loads_safely={with_base}, the loader "
+            f"{'accepted it' if loaded_fine else 'refused it: ' + str(verdict.errors['inference'])}"
+        )
     return verdict
 
 
@@ -415,7 +430,7 @@ CONFIG_CASES = [
         _config_text('{"peft_type": "LORA", "x": ' + "[" * 40 + "]" * 40 + "}"),
         "41 levels",
     ),
-    ("config-too-large", _config_text(b"{" + b" " * (CONFIG_MAX_BYTES + 1) + b"}"), "larger than 16 MiB"),
+    ("config-too-large", _config_text(b"{" + b" " * (CONFIG_MAX_BYTES + 1) + b"}"), "larger than 4 MiB"),
     ("config-a-list", _config_text("[1, 2]"), "holds a JSON list"),
     ("config-empty", _config_text(""), "not valid UTF-8 JSON"),
     ("config-not-utf8", _config_text(b'{"peft_type": "\xff\xfe"}'), "not valid UTF-8"),

@@ -1,11 +1,20 @@
-"""_checks: the NaN/inf verdict is exact whatever the dtype, also when a sum overflows."""
+"""_checks: the NaN/inf verdict is exact whatever the dtype, also when a sum overflows; a config that
+makes PEFT read outside the adapter is refused unread."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
+import peft
 import pytest
 import torch
 
+from safe_lora import inspect_adapter, load_for_inference
 from safe_lora._checks import nonfinite_keys
+from safe_lora.errors import AdapterConfigError
+from conftest import assert_unchanged, save_adapter, snapshot, tiny_llama
 
 
 def _tensor(values: list[float], dtype: torch.dtype) -> torch.Tensor:
@@ -27,3 +36,48 @@ def _tensor(values: list[float], dtype: torch.dtype) -> torch.Tensor:
 def test_nonfinite_keys_is_exact(values: list[float], dtype: torch.dtype, bad: bool) -> None:
     tensors = [("ok", torch.ones(3)), ("k", _tensor(values, dtype)), ("ints", torch.arange(3))]
     assert nonfinite_keys(tensors) == (["k"] if bad else [])
+
+
+# A config field that makes PEFT read something outside the adapter while it injects: refused before
+# PEFT runs, so nothing is opened, downloaded or instantiated.
+EXTERNAL = [
+    (
+        peft.MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=2, task_type="CAUSAL_LM"),
+        {"prompt_tuning_init": "AVERAGE_SOURCE_TASKS", "prompt_tuning_init_state_dict_path": "{decoy}"},
+        "prompt_tuning_init_state_dict_path",
+    ),
+    (
+        peft.ShadowConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        {"shadow_model": "{decoy}"},
+        "shadow_model",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "fields", "named"), EXTERNAL, ids=["multitask-source", "shadow-model"])
+def test_a_config_that_reads_outside_the_adapter_is_refused_unread(
+    tmp_path: Path, config: peft.PeftConfig, fields: dict[str, str], named: str
+) -> None:
+    base = tiny_llama()
+    folder = save_adapter(base, config, tmp_path / "adapter")
+    decoy = tmp_path / "decoy"  # what the field names: a folder PEFT would open
+    decoy.mkdir()
+    raw = json.loads((folder / "adapter_config.json").read_text())
+    raw.update({k: v.format(decoy=decoy) for k, v in fields.items()})
+    (folder / "adapter_config.json").write_text(json.dumps(raw))
+    opened: list[str] = []
+
+    def watch(event: str, args: tuple[object, ...]) -> None:
+        if event in ("open", "os.listdir", "os.scandir") and str(args[0]).startswith(str(decoy)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(watch)  # hooks cannot be removed: `decoy` is unique to this test
+    before = snapshot(base)
+    with pytest.raises(AdapterConfigError, match="outside the adapter") as refused:
+        load_for_inference(base, folder)
+    assert refused.value.fields == [named]
+    assert_unchanged(base, before)
+    report = inspect_adapter(folder, base_model=base)
+    assert not report.loads_safely
+    assert [f.code for f in report.findings if f.severity == "error"] == ["config-external"]
+    assert opened == []

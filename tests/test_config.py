@@ -240,7 +240,7 @@ def test_special_file_describes_without_opening(tmp_path: Path) -> None:
 def test_config_read_is_bounded(tmp_path: Path) -> None:
     path = tmp_path / CONFIG_NAME
     path.write_bytes(b"{" + b" " * CONFIG_MAX_BYTES + b"}")  # one byte over
-    with pytest.raises(AdapterConfigError, match="larger than 16 MiB"):
+    with pytest.raises(AdapterConfigError, match="larger than 4 MiB"):
         read_config_json(path)
     path.write_text('{"a": ' + "[" * CONFIG_MAX_DEPTH + "]" * CONFIG_MAX_DEPTH + "}")
     with pytest.raises(AdapterConfigError, match=f"nested {CONFIG_MAX_DEPTH + 1} levels deep"):

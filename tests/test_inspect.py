@@ -34,6 +34,7 @@ from safe_lora import (
     SafeLoraError,
     inspect_adapter,
     load_for_inference,
+    UnsafeAdapterError,
 )
 
 pytestmark = [
@@ -368,14 +369,13 @@ def test_not_an_adapter_folder_raises(tmp_path: Path, make: str) -> None:
         inspect_adapter(folder)
 
 
-# --- pickle: reported, never opened -------------------------------------------------------------------
+# --- pickle: reported, opened only when allowed, and then as the loaders open it -----------------------
 
 
 @pytest.mark.parametrize(
     ("keep_safetensors", "allow_pickle", "severity", "code", "weights_format"),
     [
         (False, False, "error", "pickle-only", "pickle"),
-        (False, True, "warning", "pickle-only", "pickle"),
         (True, False, "warning", "pickle-present", "safetensors"),
     ],
 )
@@ -402,6 +402,19 @@ def test_pickle_is_reported_and_never_unpickled(
     assert report.loads_safely is (severity != "error")
     if not keep_safetensors:
         assert report.tensor_count is None  # its contents are unknown: it was not opened
+
+
+def test_an_allowed_pickle_is_read_as_the_loaders_read_it(mlp_adapter: Path) -> None:
+    """allow_pickle=True: torch.load(weights_only=True), as the loaders: a trap pickle is refused
+    without running it, and the verdict is the loader's."""
+    marker = write_trap_pickle(mlp_adapter)
+    (mlp_adapter / SAFETENSORS).unlink()
+    report = inspect_adapter(mlp_adapter, allow_pickle=True)
+    assert not marker.exists()
+    assert [f.severity for f in report.findings if f.code == "pickle-only"] == ["warning"]
+    assert "pickle-unsafe" in [f.code for f in report.errors]
+    with pytest.raises(UnsafeAdapterError, match="weights_only"):
+        load_for_inference(make_mlp(), mlp_adapter, allow_pickle=True)
 
 
 # --- the bad-input refusals, as findings with the loaders' own messages --------------------------------

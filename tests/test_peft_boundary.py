@@ -1,0 +1,177 @@
+"""The PEFT boundary: everything safe_lora takes from PEFT beyond its public top-level API, still there.
+
+``safe_lora/_peft.py`` is the one module that uses PEFT's private names and records facts tied to its
+version. These tests fail loudly when the installed PEFT no longer provides one of them, or a fact no
+longer holds -- so a PEFT upgrade is checked here, in one place -- and they check that no other module
+reaches past the boundary.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import importlib.metadata
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from _tuners import TUNERS, make_base
+from packaging.specifiers import SpecifierSet
+from peft import get_peft_model_state_dict
+
+import safe_lora._peft as boundary
+from safe_lora._fit import expected_state
+from safe_lora._meta import MetaTwins, on_meta
+
+PACKAGE = Path(boundary.__file__).parent
+
+
+def test_the_installed_peft_is_the_tested_release() -> None:
+    assert peft.__version__ in SpecifierSet(boundary.TESTED_PEFT)
+    declared = [r for r in importlib.metadata.requires("safe-lora") or [] if r.startswith("peft")]
+    assert declared and all(SpecifierSet(boundary.TESTED_PEFT) == SpecifierSet(r.removeprefix("peft")) for r in declared)
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [
+        (peft.PeftModel, "_check_new_adapter_config"),
+        (boundary.BaseTuner, "_cast_adapter_dtype"),
+        (boundary.BaseTuner, "_temporarily_active"),
+        (boundary.BaseTuner, "_prepare_model"),
+        (boundary.BaseTunerLayer, "_move_adapter_to_device_of_base_layer"),
+        (boundary.BaseTunerLayer, "_active_adapter"),
+    ],
+)
+def test_the_private_names_safe_lora_uses_exist(owner: type, name: str) -> None:
+    present = hasattr(owner, name) or any(name in getattr(c, "__annotations__", {}) for c in owner.__mro__)
+    if name == "_temporarily_active":  # defined by the adaption-prompt tuner, which safe_lora calls it on
+        present = hasattr(boundary.tuner_class("ADAPTION_PROMPT"), name)
+    if name == "_active_adapter":  # an instance attribute every tuner layer sets in __init__
+        layer = boundary.tuner_class("LORA").tuner_layer_cls
+        present = "_active_adapter" in Path(peft.tuners.tuners_utils.__file__).read_text() and layer is not None
+    assert present, f"peft {peft.__version__} no longer has {owner.__name__}.{name}"
+
+
+def test_only_the_boundary_imports_past_peft_s_top_level() -> None:
+    """Every other module imports from PEFT only top-level public names (``from peft import X``)."""
+    offenders = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name == "_peft.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("peft."):
+                offenders.append(f"{path.name}: from {node.module} import ...")
+            if isinstance(node, ast.ImportFrom) and node.module == "peft":
+                offenders.extend(f"{path.name}: from peft import {a.name}" for a in node.names if a.name.startswith("_"))
+            if isinstance(node, ast.Import):
+                offenders.extend(f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("peft."))
+    assert offenders == []
+
+
+def test_no_http_client_and_no_hub_internals() -> None:
+    """The hub is reached through huggingface_hub's public API only: no HTTP client of our own (its
+    errors come through the re-export ``huggingface_hub.utils.httpx``), no private hub module."""
+    clients = {"httpx", "httpx2", "requests", "urllib3", "aiohttp"}
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] not in clients, (path.name, module)
+                assert not module.startswith("huggingface_hub.file_download"), (path.name, module)
+                assert not any(part.startswith("_") for part in module.split(".")[1:]) or not module.startswith(
+                    "huggingface_hub"
+                ), (path.name, module)
+
+
+# --------------------------------------------------------------------------------------------------
+# Facts
+# --------------------------------------------------------------------------------------------------
+
+
+def _layer_names() -> set[str]:
+    names: set[str] = set()
+    for cls in {boundary.tuner_class(t) for t in boundary.known_peft_types()}:
+        names |= boundary.layer_param_names(cls)
+    return names
+
+
+def test_every_integer_slot_is_a_tensor_name_peft_uses() -> None:
+    source = "".join(p.read_text() for p in Path(peft.__file__).parent.rglob("*.py"))
+    for slot in boundary.INTEGER_SLOTS | boundary.FLOAT_TENSOR_NAMES:
+        # VBLoRA builds its top-k names with an f-string: f"vblora_logits_{x}_topk_{what}"
+        spelled = slot.replace("_A_", "_{").replace("_B_", "_{") if slot.startswith("vblora") else slot
+        assert slot in source or spelled.split("{")[0] in source, f"{slot} is not in peft {peft.__version__}"
+
+
+def test_every_noop_rule_names_a_tuner_and_its_slots() -> None:
+    names = _layer_names()
+    for peft_type, rule in boundary.NOOP_RULES.items():
+        assert boundary.tuner_class(peft_type) is not None, peft_type
+        for slot in rule.slots:
+            assert slot in names or slot in boundary.FLOAT_TENSOR_NAMES, f"{peft_type}: {slot}"
+
+
+def test_structural_rates_and_task_classes_exist() -> None:
+    import transformers
+
+    xlora = boundary.config_class("XLORA")
+    assert {f.name for f in dataclasses.fields(xlora)} >= set(boundary.STRUCTURAL_RATES)
+    for name in boundary.TASK_CLASSES.values():
+        assert hasattr(transformers, name)
+
+
+def test_the_pattern_fields_are_fields_of_peft_configs() -> None:
+    fields = {f.name for t in boundary.known_peft_types() for f in dataclasses.fields(boundary.config_class(t))}
+    for spec in boundary.PATTERN_FIELDS:
+        if spec.name != "*_pattern":
+            assert spec.name in fields, spec.name
+
+
+def test_only_loras_prepare_model_changes_the_structure() -> None:
+    """module_names_matched relies on it: PEFT matches patterns after the tuner's _prepare_model."""
+    overriding = {
+        t
+        for t in boundary.known_peft_types()
+        if (cls := boundary.tuner_class(t)) is not None
+        and getattr(cls, "_prepare_model", boundary.BaseTuner._prepare_model) is not boundary.BaseTuner._prepare_model
+    }
+    assert overriding <= {"LORA", "XLORA", "ADALORA"}, overriding
+    # AdaLoRA's tuner subclasses LoRA's and inherits its _prepare_model unchanged.
+    lora = boundary.tuner_class("LORA")
+    assert boundary.tuner_class("ADALORA")._prepare_model is lora._prepare_model  # type: ignore[union-attr]
+
+
+# Loading for training, CPT's prompt embedding to save is its encoder's output, which depends on the
+# token-type mask's values (CPTEmbedding.get_projection): the fallback chain takes it to meta-params.
+_TRAINING_NEEDS_VALUES = {"CPT"}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("tuner", [t for t in TUNERS if t.available], ids=lambda t: t.id)
+def test_injection_modes_are_the_strictest_that_work(tuner: object, training: bool) -> None:
+    """Every tuner injects with all tensors on the meta device, except those INJECTION_MODES names --
+    and those really cannot (so that a PEFT release that lifts the limit is noticed)."""
+    t = tuner
+    config = copy.deepcopy(t.config())  # type: ignore[attr-defined]
+    config.inference_mode = not training  # as the loaders set it
+    base = make_base(t.base)  # type: ignore[attr-defined]
+    twins = MetaTwins(base)
+    try:
+        with on_meta():  # as safe_lora._attach injects
+            model = boundary.peft_model_class(config)(base, config)
+        expected_state(model, "default", file_keys=set())
+        works = True
+    except Exception:  # whatever PEFT raises when it needs values
+        works = False
+    finally:
+        twins.restore(base)
+    needs_values = set(boundary.INJECTION_MODES) | (_TRAINING_NEEDS_VALUES if training else set())
+    assert works is (t.peft_type not in needs_values)  # type: ignore[attr-defined]
