@@ -14,6 +14,7 @@ model is loaded. The checks against a model live in :mod:`safe_lora._fit`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -69,6 +70,7 @@ __all__ = [
     "emit",
     "nonfinite_keys",
     "noop_adapter",
+    "normalise_pins",
     "raise_first",
     "read_adapter",
     "wrong_dtypes",
@@ -181,6 +183,10 @@ class DiskOptions:
     name: str = "default"
     exhaustive: bool = False
     unpickle: bool = True
+
+    def __post_init__(self) -> None:
+        # A pin that can never match is the caller's mistake, said before anything is read.
+        object.__setattr__(self, "expected_sha256", normalise_pins(self.expected_sha256))
 
 
 @dataclass
@@ -296,9 +302,9 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
     found.files[weights_name] = weights_file
     found.weights_name = weights_name
     _check_pin(found, options, weights_name)
-    _check_unpinned(found, options)
     if options.signed_by is not None:
         _check_signature(found, options)
+    _check_unpinned(found, options)
     if not (found.ok or options.exhaustive) or (weights_name == PICKLE_NAME and not options.unpickle):
         return found
 
@@ -337,6 +343,58 @@ def _weights_error(where: str) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def normalise_pins(pinned: Any) -> str | dict[str, str] | None:
+    """``expected_sha256=`` checked and in lower case: one sha256, or ``{file name: sha256}``.
+
+    A digest is 64 hexadecimal digits, in either case (``sha256sum`` prints lower case, some tools
+    upper case), surrounding whitespace ignored.
+
+    Raises:
+        TypeError: Not a str, a mapping of str to str, or ``None``.
+        ValueError: A digest that is not 64 hex digits (e.g. a whole ``sha256sum`` line, or a git
+            sha1), or an empty mapping, which would pin nothing.
+
+    Example:
+        >>> normalise_pins({"adapter_config.json": "AB" * 32})
+        {'adapter_config.json': 'abababababababababababababababababababababababababababababababab'}
+    """
+    if pinned is None:
+        return None
+    if isinstance(pinned, str):
+        return _pin_value(pinned, "expected_sha256")
+    if not isinstance(pinned, Mapping):
+        raise TypeError(
+            f"expected_sha256= must be the weights file's sha256 (a str) or {{file name: sha256}}, found "
+            f"{type(pinned).__name__}."
+        )
+    if not pinned:
+        raise ValueError(
+            "expected_sha256={} pins nothing — expected {file name: sha256} for the files to pin — pass the "
+            "digests, or None to load unpinned."
+        )
+    pins: dict[str, str] = {}
+    for name, digest in pinned.items():
+        if not isinstance(name, str):
+            raise TypeError(f"expected_sha256= keys must be file names (str), found {type(name).__name__}.")
+        pins[name] = _pin_value(digest, f"expected_sha256[{name!r}]")
+    return pins
+
+
+def _pin_value(digest: Any, what: str) -> str:
+    if not isinstance(digest, str):
+        raise TypeError(f"{what} must be a sha256 in hex (a str), found {type(digest).__name__}.")
+    text = digest.strip().lower()
+    if not _SHA256_HEX.fullmatch(text):
+        raise ValueError(
+            f"{what}={digest!r:.100} is not a sha256: expected 64 hexadecimal digits, as `sha256sum FILE` "
+            f"prints them (without the file name) — copy the digest alone."
+        )
+    return text
+
+
 def _pins(found: AdapterOnDisk, options: DiskOptions) -> dict[str, str]:
     pinned = options.expected_sha256
     if pinned is None:
@@ -355,16 +413,16 @@ def _check_pin(found: AdapterOnDisk, options: DiskOptions, name: str) -> None:
     if expected is None:
         return
     file = found.files[name]
-    if file.sha256 != expected.strip().lower():
+    if file.sha256 != expected:
         found.findings.append(
             Finding.refusal(
                 "integrity",
                 AdapterIntegrityError(
                     f"Adapter file does not match its pinned digest: {found.source.where(name)!r} has sha256 "
-                    f"{file.sha256} — expected {expected.strip().lower()} (expected_sha256=) — the file was "
+                    f"{file.sha256} — expected {expected} (expected_sha256=) — the file was "
                     f"changed or replaced; load the reviewed file, or update the pin if the change is intended.",
                     path=found.source.where(name),
-                    expected=expected.strip().lower(),
+                    expected=expected,
                     actual=file.sha256,
                 ),
             )
@@ -381,8 +439,8 @@ def _check_unpinned(found: AdapterOnDisk, options: DiskOptions) -> None:
                 "integrity",
                 AdapterIntegrityError(
                     f"Pinned digests for files that are not read: {stray} — expected names among "
-                    f"{sorted(n for n in read if n)} (the files the loaders read) — pin "
-                    f"{CONFIG_NAME!r} and the weights file by name.",
+                    f"{sorted(n for n in read if n)} (the files this load reads; model.sig only with "
+                    f"signed_by=) — pin {CONFIG_NAME!r} and the weights file by name.",
                     path=found.source.where(stray[0]),
                 ),
             )
@@ -416,6 +474,7 @@ def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
     if signature is None:
         return
     found.files[SIGNATURE_NAME] = signature
+    _check_pin(found, options, SIGNATURE_NAME)
     digests = {name: file.sha256 for name, file in found.files.items() if name != SIGNATURE_NAME}
     try:
         verify_signed_digests(signature, digests, signed_by=options.signed_by, where=source.location)
