@@ -25,11 +25,12 @@ from torch import nn
 from safe_lora._attach import AttachOptions, attach, prepare_for_model
 from safe_lora._checks import AdapterOnDisk, DiskOptions, Finding, emit, raise_first, read_adapter
 from safe_lora._config import prepared_copy, structural_overrides
+from safe_lora._fit import evidence_findings
 from safe_lora._merge import merge as merge_adapter
 from safe_lora._peft import BaseTunerLayer, peft_type_name
+from safe_lora._provenance import record, record_merged, summarise
 from safe_lora._rollback import Snapshot, rollback_on_error
 from safe_lora._source import CONFIG_NAME, HUB_KWARGS, open_source
-from safe_lora._fit import evidence_findings
 from safe_lora._unwrap import base_of, compiled, unwrap
 from safe_lora.errors import AdapterExistsError, UnknownAdapterError
 
@@ -384,12 +385,14 @@ def _load(
             peft_model.set_adapter(active, inference_mode=not training)
         result: nn.Module = peft_model
         if merge:
+            merged_facts = summarise(peft_model, active)  # the layers are gone after the merge
             result = merge_adapter(peft_model, active)
         _set_mode(result, training=training)
-    from safe_lora._provenance import record
 
     for plan in plans:
         record(peft_model, plan.name, plan.adapter)
+    if merge:
+        record_merged(result, peft_model, active, merged_facts)  # the receipt of the model returned
     emit(findings)
     return result
 
