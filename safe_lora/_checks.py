@@ -307,6 +307,8 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
     _check_unpinned(found, options)
     if not (found.ok or options.exhaustive) or (weights_name == PICKLE_NAME and not options.unpickle):
         return found
+    if any(f.code in _PROVENANCE_CODES for f in found.findings):
+        return found  # bytes nobody vouched for are not parsed, not even for a report that lists all
 
     # 4. The weights: parsed from the bytes read, then judged.
     _parse_weights(found, weights_file, weights_name)
@@ -316,6 +318,10 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
     if config is not None and found.ok and options.key_rules:
         found.findings.extend(key_findings(found.header, config, found.weights_path, strict=options.strict))
     return found
+
+
+# Findings that say the bytes read are not the ones vouched for (a pin, the Hub's record, a signature).
+_PROVENANCE_CODES = frozenset({"integrity", "signature"})
 
 
 def _read(found: AdapterOnDisk, name: str, limit: int, error: Any, code: str) -> FileBytes | None:
