@@ -264,7 +264,16 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
             )
         )
 
-    # 2. The config: its bytes, pinned, then parsed.
+    # 2. Who vouches for the bytes: a required signature is read and verified before any other file,
+    # so an unsigned repo or another signer's costs no download, and each file is compared with the
+    # signed manifest as soon as it is read -- before it is parsed.
+    manifest: dict[str, str] | None = None
+    if options.signed_by is not None:
+        manifest = _signed_manifest(found, options)
+        if manifest is None and not options.exhaustive:
+            return found
+
+    # 3. The config: its bytes, pinned and signed, then parsed.
     if CONFIG_NAME not in special:
         config_file = _read(
             found, CONFIG_NAME, CONFIG_MAX_BYTES, config_error(source.where(CONFIG_NAME)), "config-invalid"
@@ -272,6 +281,7 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
         if config_file is not None:
             found.files[CONFIG_NAME] = config_file
             _check_pin(found, options, CONFIG_NAME)
+            _check_signed(found, manifest, CONFIG_NAME)
             if found.ok:
                 _parse_config(found, config_file, options)
     if options.config is not None:
@@ -290,7 +300,7 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
             )
         )
 
-    # 3. Which weights file, and may it be read.
+    # 4. Which weights file, and may it be read.
     weights_name = _weights_file(found, options, special)
     if weights_name is None or not (found.ok or options.exhaustive):
         return found
@@ -302,15 +312,14 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
     found.files[weights_name] = weights_file
     found.weights_name = weights_name
     _check_pin(found, options, weights_name)
-    if options.signed_by is not None:
-        _check_signature(found, options)
+    _check_signed(found, manifest, weights_name)
     _check_unpinned(found, options)
     if not (found.ok or options.exhaustive) or (weights_name == PICKLE_NAME and not options.unpickle):
         return found
     if any(f.code in _PROVENANCE_CODES for f in found.findings):
         return found  # bytes nobody vouched for are not parsed, not even for a report that lists all
 
-    # 4. The weights: parsed from the bytes read, then judged.
+    # 5. The weights: parsed from the bytes read, then judged.
     _parse_weights(found, weights_file, weights_name)
     if found.weights is None:
         return found
@@ -453,8 +462,10 @@ def _check_unpinned(found: AdapterOnDisk, options: DiskOptions) -> None:
         )
 
 
-def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
-    from safe_lora._signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, verify_signed_digests
+def _signed_manifest(found: AdapterOnDisk, options: DiskOptions) -> dict[str, str] | None:
+    """Read ``model.sig``, pin it, verify it with ``signed_by``: the signed ``{name: sha256}``, or
+    ``None`` with a finding saying why there is none."""
+    from safe_lora._signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, signed_digests
 
     source = found.source
     if SIGNATURE_NAME not in source.present:
@@ -469,7 +480,7 @@ def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
                 ),
             )
         )
-        return
+        return None
     signature = _read(
         found,
         SIGNATURE_NAME,
@@ -478,12 +489,32 @@ def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
         "signature",
     )
     if signature is None:
-        return
+        return None
     found.files[SIGNATURE_NAME] = signature
+    before = len(found.findings)
     _check_pin(found, options, SIGNATURE_NAME)
-    digests = {name: file.sha256 for name, file in found.files.items() if name != SIGNATURE_NAME}
+    if len(found.findings) > before:
+        return None
     try:
-        verify_signed_digests(signature, digests, signed_by=options.signed_by, where=source.location)
+        return signed_digests(signature, signed_by=options.signed_by, where=source.location)
+    except AdapterIntegrityError as exc:
+        found.findings.append(Finding.refusal("signature", exc))
+        return None
+
+
+def _check_signed(found: AdapterOnDisk, manifest: Mapping[str, str] | None, name: str) -> None:
+    """Compare the file just read with the signed manifest (nothing to do without a signature)."""
+    from safe_lora._signing import SIGNATURE_NAME, check_digests
+
+    if manifest is None:
+        return
+    try:
+        check_digests(
+            manifest,
+            {name: found.files[name].sha256},
+            where=found.source.location,
+            signature_name=SIGNATURE_NAME,
+        )
     except AdapterIntegrityError as exc:
         found.findings.append(Finding.refusal("signature", exc))
 
