@@ -14,11 +14,12 @@ What a receipt does and does not say:
 - An adapter PEFT holds that safe_lora did not load -- loaded by PEFT itself, or deleted and loaded
   again under a recorded name -- has ``"source": null`` and no file digests.
 - ``merge=True`` returns the base model with the active adapter merged into its weights. The record
-  survives on that returned model: its receipt lists the adapter under ``adapters`` with
-  ``"merged": true`` (and the layer facts as they were just before the merge), and ``merged`` names
-  it. The other adapters of a mapping are not in the merged weights and are not listed. A merged model
-  later wrapped by another load keeps that entry. A model merged by calling PEFT's
-  ``merge_and_unload`` directly has no record.
+  survives on that returned model: its receipt lists the adapter under ``merged`` (its source and
+  digests, and the layer facts as they were just before the merge), and ``adapters`` is empty -- no
+  adapter is loaded any more. The other adapters of a mapping are not in the merged weights and are
+  not listed. A merged model later used as the base of another load keeps that entry, next to the new
+  adapters (a name may then appear in both). A model merged by calling PEFT's ``merge_and_unload``
+  directly has no record.
 """
 
 from __future__ import annotations
@@ -144,10 +145,13 @@ def receipt(model: nn.Module) -> dict[str, Any]:
       adapter safe_lora did not load), ``revision``, ``commit`` and ``subfolder`` (hub loads),
       ``files`` (``{file name: sha256}`` of the bytes read), ``peft_type``, ``modules`` (layers that
       carry the adapter), ``r``, ``rank_pattern`` and ``ranks`` (every rank the layers hold), ``alpha``,
-      ``alpha_pattern`` and ``alphas`` (likewise), ``target_modules``, ``modules_to_save``, ``active``
-      and ``merged``.
+      ``alpha_pattern`` and ``alphas`` (likewise), ``target_modules``, ``modules_to_save`` and
+      ``active``. The ranks and alphas are the config's as loaded (the file's, as written);
+      ``ranks`` / ``alphas`` what PEFT resolved for the layers.
     - ``active_adapters``: the adapters that compute, in PEFT's order.
-    - ``merged``: the adapters merged into the weights (``merge=True``).
+    - ``merged``: the adapters merged into the weights by ``merge=True``, in merge order: each
+      adapter's fields as above (without ``active``) and its ``name``; the layer facts are those of
+      just before the merge.
     - ``model``: the class of the object given (after unwrapping DDP / FSDP / ``torch.compile``).
     - ``base_model``: its ``class``, ``name_or_path`` and ``config_sha256`` (the sha256 of
       ``config.to_json_string()`` with sorted keys and no whitespace; ``null`` without a config).
@@ -179,19 +183,19 @@ def receipt(model: nn.Module) -> dict[str, Any]:
     configs = _configs(inner)
     recorded = _RECORDS.get(inner, {})
     active = _active(inner, configs)
-    adapters: dict[str, Any] = {}
-    merged: list[str] = []
+    merged: list[dict[str, Any]] = []
     for holder in dict.fromkeys((inner, base)):  # a merged model, or the merged base under a new load
         for item in _MERGED.get(holder, []):
             described = item.record.config if item.record is not None else None
-            adapters[item.name] = {
-                **_provenance(item.record),
-                **item.facts,
-                **(_config_facts(described) if described is not None else {}),
-                "active": True,
-                "merged": True,
-            }
-            merged.append(item.name)
+            merged.append(
+                {
+                    "name": item.name,
+                    **_provenance(item.record),
+                    **item.facts,
+                    **(_config_facts(described) if described is not None else {}),
+                }
+            )
+    adapters: dict[str, Any] = {}
     for name in sorted(configs):
         entry = recorded.get(name)
         if entry is not None and entry.peft_config is not None and entry.peft_config is not configs[name]:
@@ -202,7 +206,6 @@ def receipt(model: nn.Module) -> dict[str, Any]:
             **_config_facts(described),
             **_layer_facts(inner, name),
             "active": name in active,
-            "merged": False,
         }
     result = {
         "format": RECEIPT_FORMAT,
@@ -232,17 +235,23 @@ def _configs(inner: nn.Module) -> dict[str, PeftConfig]:
 
 
 def _active(inner: nn.Module, configs: Mapping[str, PeftConfig]) -> list[str]:
+    """The active adapters: the model's own answer, else what its tuner layers compute with."""
     if not configs:
         return []
     try:
         value: Any = getattr(inner, "active_adapters", None)
-        if callable(value):  # transformers' integration: a method
+        if callable(value):  # transformers' integration: a method (which needs a newer PEFT than 0.21)
             value = value()
-    except Exception:  # PEFT raises for a stale active name after the last adapter was deleted
-        return []
+    except Exception:  # also PEFT's KeyError for a stale active name after the last adapter was deleted
+        value = None
     if isinstance(value, str):
         return [value]
-    return [str(name) for name in value] if isinstance(value, (list, tuple)) else []
+    if isinstance(value, (list, tuple)):
+        return [str(name) for name in value]
+    for module in inner.modules():
+        if isinstance(module, BaseTunerLayer):
+            return [str(name) for name in module.active_adapters]
+    return []
 
 
 def _provenance(entry: AdapterRecord | None) -> dict[str, Any]:
