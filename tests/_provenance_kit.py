@@ -201,3 +201,38 @@ def make_setup(root: Path) -> Setup:
 def name_of(kind: str) -> str:
     """The name the adapter gets in the model (``load_adapter`` adds it under another)."""
     return "pinned" if kind == "load_adapter" else "default"
+
+
+# --- signing (model-signing, the optional extra: imported only here) --------------------------------------
+
+SIG = "model.sig"
+
+
+def write_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """A P-256 private key and its public key, as PEM files ``name.pem`` / ``name.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public
+
+
+def sign(folder: Path, private_key: Path) -> None:
+    """Sign ``folder`` into ``folder/model.sig`` as model_signing's CLI does (all files but the signature)."""
+    import model_signing.hashing
+    import model_signing.signing
+
+    hashing = model_signing.hashing.Config().set_ignored_paths(paths=[SIG])
+    config = model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key)
+    config.set_hashing_config(hashing).sign(folder, folder / SIG)

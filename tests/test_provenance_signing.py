@@ -36,12 +36,11 @@ pytest.importorskip(
     reason="model-signing is not installed: signed_by= is the optional extra (pip install -e '.[test]')",
 )
 
-import model_signing.hashing
-import model_signing.signing
 import model_signing.verifying
 import torch
 from _provenance_kit import (
     LOADERS,
+    SIG,
     Opens,
     Setup,
     assert_same,
@@ -50,45 +49,20 @@ from _provenance_kit import (
     name_of,
     refused_and_untouched,
     sha256,
+    sign,
+    write_key_pair,
 )
 from conftest import CONFIG, SAFETENSORS, assert_unchanged, snapshot, tiny_llama
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from hub_server import HubServer, Outcome, folder_files
 
 from safe_lora import AdapterReport, inspect_adapter, receipt
 
 pytestmark = pytest.mark.signing
 
-SIG = "model.sig"
 CASES = ["unsigned", "tampered-config", "tampered-weights", "other-key"]
 
 
 # --- keys and signed folders -----------------------------------------------------------------------------
-
-
-def write_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    """A P-256 private key and its public key, as PEM files ``name.pem`` / ``name.pub``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
-
-
-def sign(folder: Path, private_key: Path) -> None:
-    """Sign ``folder`` into ``folder/model.sig`` as model_signing's CLI does (all files but the signature)."""
-    hashing = model_signing.hashing.Config().set_ignored_paths(paths=[SIG])
-    config = model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key)
-    config.set_hashing_config(hashing).sign(folder, folder / SIG)
 
 
 def flip_last_byte(path: Path) -> None:
