@@ -348,8 +348,8 @@ def _load(
         raise TypeError("config= applies to a single adapter; pass one adapter path, not a mapping.")
     if expected_sha256 is not None and len(sources) > 1 and not isinstance(expected_sha256, Mapping):
         raise TypeError(
-            "expected_sha256= as one digest pins a single adapter's weights file; with a mapping of adapters, "
-            "load them one by one, or pin each with load_adapter."
+            "expected_sha256= as one digest pins a single adapter's weights file; with a mapping of "
+            "adapters, load them one by one, or pin each with load_adapter."
         )
 
     # Everything on disk is checked for every adapter before the first one touches the model.
