@@ -161,7 +161,8 @@ class DiskOptions:
         key_rules: Check the file's keys against the config without a model (targets, ranks, pairs).
             The loaders leave this to the exact check against the model (:mod:`safe_lora._fit`).
         config: A config object to use instead of the file's (``config=``); the file is read anyway.
-        expected_sha256: Pinned digests: the weights file's sha256, or ``{file name: sha256}``.
+        expected_sha256: Pinned digests: the weights file's sha256, or ``{file name: sha256}``;
+            checked and lower-cased here (:func:`normalise_pins`), before anything is read.
         signed_by: Who must have signed the files read (see :mod:`safe_lora._signing`).
         instead: The call to suggest for a prompt-learning adapter loaded for training.
         name: The adapter's name in the model, for messages.
@@ -233,6 +234,8 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
     Nothing is raised for what the files hold: every problem is a finding (see
     :func:`raise_first`). The order keeps a hostile file cheap: nothing is parsed before the bytes
     are known to be the ones vouched for, and the weights are not read when the config already fails.
+    With ``signed_by``, ``model.sig`` is read and verified before any other file, and each file is
+    compared with the signed manifest as soon as it is read.
 
     Raises:
         AdapterNotFoundError, AdapterAccessError: A hub file could not be fetched.

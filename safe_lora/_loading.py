@@ -471,11 +471,14 @@ def load_for_inference(
         strict: Refuse missing or unexpected adapter keys; ``False`` warns and loads what fits.
         allow_pickle: Allow ``adapter_model.bin`` (pickle) when there is no safetensors file.
         expected_sha256: Pin the bytes: the weights file's sha256 (hex, as ``sha256sum`` and the
-            Hub's file page show it), or ``{file name: sha256}`` for any file read, the config
-            included. Checked over the very bytes that are parsed.
+            Hub's file page show it, in either case), or ``{file name: sha256}`` for any file read,
+            the config included. Checked over the very bytes that are parsed; a pin on a file that is
+            not read is refused, a malformed one (not 64 hex digits, an empty mapping) is a
+            ``ValueError`` / ``TypeError`` before anything is read.
         signed_by: Require an OpenSSF model-signing signature (``model.sig`` beside the files) by this
             key: a path to a PEM public key, or a ``model_signing.verifying.Config``
-            (``pip install 'safe-lora[signing]'``).
+            (``pip install 'safe-lora[signing]'``). The signature is read and verified first; every
+            file read must be in its manifest with the sha256 of the bytes read.
         **peft_kwargs: ``PeftModel.from_pretrained``'s keywords (``config=``, ``revision=``,
             ``subfolder=``, ``token=``, ``autocast_adapter_dtype=``, ``low_cpu_mem_usage=``,
             ``key_mapping=``, ``torch_device=``, ...). A ``config`` object is copied, never modified.
