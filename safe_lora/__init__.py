@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from safe_lora._dropout import DropoutSite, assert_deterministic, deterministic_lora, live_dropout
     from safe_lora._inspect import AdapterReport, Finding, inspect_adapter
     from safe_lora._loading import load_for_inference, load_for_training
+    from safe_lora._provenance import receipt
 
 # Where each lazily imported public name lives.
 _LAZY = {
@@ -53,6 +54,7 @@ _LAZY = {
     "load_adapter": "safe_lora._adapters",
     "load_for_inference": "safe_lora._loading",
     "load_for_training": "safe_lora._loading",
+    "receipt": "safe_lora._provenance",
     "set_active_adapter": "safe_lora._adapters",
     "use_adapter": "safe_lora._adapters",
 }
@@ -89,6 +91,7 @@ __all__ = [
     "load_adapter",
     "load_for_inference",
     "load_for_training",
+    "receipt",
     "set_active_adapter",
     "use_adapter",
 ]

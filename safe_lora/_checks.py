@@ -14,6 +14,7 @@ model is loaded. The checks against a model live in :mod:`safe_lora._fit`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -71,6 +72,7 @@ __all__ = [
     "emit",
     "nonfinite_keys",
     "noop_adapter",
+    "normalise_pins",
     "raise_first",
     "read_adapter",
     "wrong_dtypes",
@@ -161,7 +163,8 @@ class DiskOptions:
         key_rules: Check the file's keys against the config without a model (targets, ranks, pairs).
             The loaders leave this to the exact check against the model (:mod:`safe_lora._fit`).
         config: A config object to use instead of the file's (``config=``); the file is read anyway.
-        expected_sha256: Pinned digests: the weights file's sha256, or ``{file name: sha256}``.
+        expected_sha256: Pinned digests: the weights file's sha256, or ``{file name: sha256}``;
+            checked and lower-cased here (:func:`normalise_pins`), before anything is read.
         signed_by: Who must have signed the files read (see :mod:`safe_lora._signing`).
         instead: The call to suggest for a prompt-learning adapter loaded for training.
         name: The adapter's name in the model, for messages.
@@ -183,6 +186,10 @@ class DiskOptions:
     name: str = "default"
     exhaustive: bool = False
     unpickle: bool = True
+
+    def __post_init__(self) -> None:
+        # A pin that can never match is the caller's mistake, said before anything is read.
+        object.__setattr__(self, "expected_sha256", normalise_pins(self.expected_sha256))
 
 
 @dataclass
@@ -229,6 +236,8 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
     Nothing is raised for what the files hold: every problem is a finding (see
     :func:`raise_first`). The order keeps a hostile file cheap: nothing is parsed before the bytes
     are known to be the ones vouched for, and the weights are not read when the config already fails.
+    With ``signed_by``, ``model.sig`` is read and verified before any other file, and each file is
+    compared with the signed manifest as soon as it is read.
 
     Raises:
         AdapterNotFoundError, AdapterAccessError: A hub file could not be fetched.
@@ -260,7 +269,16 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
             )
         )
 
-    # 2. The config: its bytes, pinned, then parsed.
+    # 2. Who vouches for the bytes: a required signature is read and verified before any other file,
+    # so an unsigned repo or another signer's costs no download, and each file is compared with the
+    # signed manifest as soon as it is read -- before it is parsed.
+    manifest: dict[str, str] | None = None
+    if options.signed_by is not None:
+        manifest = _signed_manifest(found, options)
+        if manifest is None and not options.exhaustive:
+            return found
+
+    # 3. The config: its bytes, pinned and signed, then parsed.
     if CONFIG_NAME not in special:
         config_file = _read(
             found, CONFIG_NAME, CONFIG_MAX_BYTES, config_error(source.where(CONFIG_NAME)), "config-invalid"
@@ -268,6 +286,7 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
         if config_file is not None:
             found.files[CONFIG_NAME] = config_file
             _check_pin(found, options, CONFIG_NAME)
+            _check_signed(found, manifest, CONFIG_NAME)
             if found.ok:
                 _parse_config(found, config_file, options)
     if options.config is not None:
@@ -286,7 +305,7 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
             )
         )
 
-    # 3. Which weights file, and may it be read.
+    # 4. Which weights file, and may it be read.
     weights_name = _weights_file(found, options, special)
     if weights_name is None or not (found.ok or options.exhaustive):
         return found
@@ -298,13 +317,14 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
     found.files[weights_name] = weights_file
     found.weights_name = weights_name
     _check_pin(found, options, weights_name)
+    _check_signed(found, manifest, weights_name)
     _check_unpinned(found, options)
-    if options.signed_by is not None:
-        _check_signature(found, options)
     if not (found.ok or options.exhaustive) or (weights_name == PICKLE_NAME and not options.unpickle):
         return found
+    if any(f.code in _PROVENANCE_CODES for f in found.findings):
+        return found  # bytes nobody vouched for are not parsed, not even for a report that lists all
 
-    # 4. The weights: parsed from the bytes read, then judged.
+    # 5. The weights: parsed from the bytes read, then judged.
     _parse_weights(found, weights_file, weights_name)
     if found.weights is None:
         return found
@@ -312,6 +332,10 @@ def read_adapter(source: AdapterSource, options: DiskOptions) -> AdapterOnDisk:
     if config is not None and found.ok and options.key_rules:
         found.findings.extend(key_findings(found.header, config, found.weights_path, strict=options.strict))
     return found
+
+
+# Findings that say the bytes read are not the ones vouched for (a pin, the Hub's record, a signature).
+_PROVENANCE_CODES = frozenset({"integrity", "signature"})
 
 
 def _read(found: AdapterOnDisk, name: str, limit: int, error: Any, code: str) -> FileBytes | None:
@@ -339,6 +363,58 @@ def _weights_error(where: str) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def normalise_pins(pinned: Any) -> str | dict[str, str] | None:
+    """``expected_sha256=`` checked and in lower case: one sha256, or ``{file name: sha256}``.
+
+    A digest is 64 hexadecimal digits, in either case (``sha256sum`` prints lower case, some tools
+    upper case), surrounding whitespace ignored.
+
+    Raises:
+        TypeError: Not a str, a mapping of str to str, or ``None``.
+        ValueError: A digest that is not 64 hex digits (e.g. a whole ``sha256sum`` line, or a git
+            sha1), or an empty mapping, which would pin nothing.
+
+    Example:
+        >>> normalise_pins({"adapter_config.json": "AB" * 32})
+        {'adapter_config.json': 'abababababababababababababababababababababababababababababababab'}
+    """
+    if pinned is None:
+        return None
+    if isinstance(pinned, str):
+        return _pin_value(pinned, "expected_sha256")
+    if not isinstance(pinned, Mapping):
+        raise TypeError(
+            f"expected_sha256= must be the weights file's sha256 (a str) or {{file name: sha256}}, found "
+            f"{type(pinned).__name__}."
+        )
+    if not pinned:
+        raise ValueError(
+            "expected_sha256={} pins nothing — expected {file name: sha256} for the files to pin — pass the "
+            "digests, or None to load unpinned."
+        )
+    pins: dict[str, str] = {}
+    for name, digest in pinned.items():
+        if not isinstance(name, str):
+            raise TypeError(f"expected_sha256= keys must be file names (str), found {type(name).__name__}.")
+        pins[name] = _pin_value(digest, f"expected_sha256[{name!r}]")
+    return pins
+
+
+def _pin_value(digest: Any, what: str) -> str:
+    if not isinstance(digest, str):
+        raise TypeError(f"{what} must be a sha256 in hex (a str), found {type(digest).__name__}.")
+    text = digest.strip().lower()
+    if not _SHA256_HEX.fullmatch(text):
+        raise ValueError(
+            f"{what}={digest!r:.100} is not a sha256: expected 64 hexadecimal digits, as `sha256sum FILE` "
+            f"prints them (without the file name) — copy the digest alone."
+        )
+    return text
+
+
 def _pins(found: AdapterOnDisk, options: DiskOptions) -> dict[str, str]:
     pinned = options.expected_sha256
     if pinned is None:
@@ -357,16 +433,16 @@ def _check_pin(found: AdapterOnDisk, options: DiskOptions, name: str) -> None:
     if expected is None:
         return
     file = found.files[name]
-    if file.sha256 != expected.strip().lower():
+    if file.sha256 != expected:
         found.findings.append(
             Finding.refusal(
                 "integrity",
                 AdapterIntegrityError(
                     f"Adapter file does not match its pinned digest: {found.source.where(name)!r} has sha256 "
-                    f"{file.sha256} — expected {expected.strip().lower()} (expected_sha256=) — the file was "
+                    f"{file.sha256} — expected {expected} (expected_sha256=) — the file was "
                     f"changed or replaced; load the reviewed file, or update the pin if the change is intended.",
                     path=found.source.where(name),
-                    expected=expected.strip().lower(),
+                    expected=expected,
                     actual=file.sha256,
                 ),
             )
@@ -383,16 +459,18 @@ def _check_unpinned(found: AdapterOnDisk, options: DiskOptions) -> None:
                 "integrity",
                 AdapterIntegrityError(
                     f"Pinned digests for files that are not read: {stray} — expected names among "
-                    f"{sorted(n for n in read if n)} (the files the loaders read) — pin "
-                    f"{CONFIG_NAME!r} and the weights file by name.",
+                    f"{sorted(n for n in read if n)} (the files this load reads; model.sig only with "
+                    f"signed_by=) — pin {CONFIG_NAME!r} and the weights file by name.",
                     path=found.source.where(stray[0]),
                 ),
             )
         )
 
 
-def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
-    from safe_lora._signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, verify_signed_digests
+def _signed_manifest(found: AdapterOnDisk, options: DiskOptions) -> dict[str, str] | None:
+    """Read ``model.sig``, pin it, verify it with ``signed_by``: the signed ``{name: sha256}``, or
+    ``None`` with a finding saying why there is none."""
+    from safe_lora._signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, signed_digests
 
     source = found.source
     if SIGNATURE_NAME not in source.present:
@@ -407,7 +485,7 @@ def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
                 ),
             )
         )
-        return
+        return None
     signature = _read(
         found,
         SIGNATURE_NAME,
@@ -416,11 +494,32 @@ def _check_signature(found: AdapterOnDisk, options: DiskOptions) -> None:
         "signature",
     )
     if signature is None:
-        return
+        return None
     found.files[SIGNATURE_NAME] = signature
-    digests = {name: file.sha256 for name, file in found.files.items() if name != SIGNATURE_NAME}
+    before = len(found.findings)
+    _check_pin(found, options, SIGNATURE_NAME)
+    if len(found.findings) > before:
+        return None
     try:
-        verify_signed_digests(signature, digests, signed_by=options.signed_by, where=source.location)
+        return signed_digests(signature, signed_by=options.signed_by, where=source.location)
+    except AdapterIntegrityError as exc:
+        found.findings.append(Finding.refusal("signature", exc))
+        return None
+
+
+def _check_signed(found: AdapterOnDisk, manifest: Mapping[str, str] | None, name: str) -> None:
+    """Compare the file just read with the signed manifest (nothing to do without a signature)."""
+    from safe_lora._signing import SIGNATURE_NAME, check_digests
+
+    if manifest is None:
+        return
+    try:
+        check_digests(
+            manifest,
+            {name: found.files[name].sha256},
+            where=found.source.location,
+            signature_name=SIGNATURE_NAME,
+        )
     except AdapterIntegrityError as exc:
         found.findings.append(Finding.refusal("signature", exc))
 

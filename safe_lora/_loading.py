@@ -25,11 +25,12 @@ from torch import nn
 from safe_lora._attach import AttachOptions, attach, prepare_for_model
 from safe_lora._checks import AdapterOnDisk, DiskOptions, Finding, emit, raise_first, read_adapter
 from safe_lora._config import prepared_copy, structural_overrides
+from safe_lora._fit import evidence_findings
 from safe_lora._merge import merge as merge_adapter
 from safe_lora._peft import BaseTunerLayer, peft_type_name
+from safe_lora._provenance import record, record_merged, summarise
 from safe_lora._rollback import Snapshot, rollback_on_error
 from safe_lora._source import CONFIG_NAME, HUB_KWARGS, open_source
-from safe_lora._fit import evidence_findings
 from safe_lora._unwrap import base_of, compiled, unwrap
 from safe_lora.errors import AdapterExistsError, UnknownAdapterError
 
@@ -347,8 +348,8 @@ def _load(
         raise TypeError("config= applies to a single adapter; pass one adapter path, not a mapping.")
     if expected_sha256 is not None and len(sources) > 1 and not isinstance(expected_sha256, Mapping):
         raise TypeError(
-            "expected_sha256= as one digest pins a single adapter's weights file; with a mapping of adapters, "
-            "load them one by one, or pin each with load_adapter."
+            "expected_sha256= as one digest pins a single adapter's weights file; with a mapping of "
+            "adapters, load them one by one, or pin each with load_adapter."
         )
 
     # Everything on disk is checked for every adapter before the first one touches the model.
@@ -384,12 +385,14 @@ def _load(
             peft_model.set_adapter(active, inference_mode=not training)
         result: nn.Module = peft_model
         if merge:
+            merged_facts = summarise(peft_model, active)  # the layers are gone after the merge
             result = merge_adapter(peft_model, active)
         _set_mode(result, training=training)
-    from safe_lora._provenance import record
 
     for plan in plans:
         record(peft_model, plan.name, plan.adapter)
+    if merge:
+        record_merged(result, peft_model, active, merged_facts)  # the receipt of the model returned
     emit(findings)
     return result
 
@@ -468,11 +471,14 @@ def load_for_inference(
         strict: Refuse missing or unexpected adapter keys; ``False`` warns and loads what fits.
         allow_pickle: Allow ``adapter_model.bin`` (pickle) when there is no safetensors file.
         expected_sha256: Pin the bytes: the weights file's sha256 (hex, as ``sha256sum`` and the
-            Hub's file page show it), or ``{file name: sha256}`` for any file read, the config
-            included. Checked over the very bytes that are parsed.
+            Hub's file page show it, in either case), or ``{file name: sha256}`` for any file read,
+            the config included. Checked over the very bytes that are parsed; a pin on a file that is
+            not read is refused, a malformed one (not 64 hex digits, an empty mapping) is a
+            ``ValueError`` / ``TypeError`` before anything is read.
         signed_by: Require an OpenSSF model-signing signature (``model.sig`` beside the files) by this
             key: a path to a PEM public key, or a ``model_signing.verifying.Config``
-            (``pip install 'safe-lora[signing]'``).
+            (``pip install 'safe-lora[signing]'``). The signature is read and verified first; every
+            file read must be in its manifest with the sha256 of the bytes read.
         **peft_kwargs: ``PeftModel.from_pretrained``'s keywords (``config=``, ``revision=``,
             ``subfolder=``, ``token=``, ``autocast_adapter_dtype=``, ``low_cpu_mem_usage=``,
             ``key_mapping=``, ``torch_device=``, ...). A ``config`` object is copied, never modified.

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SIGNATURE_NAME",
     "SignedBy",
+    "check_digests",
     "read_signature",
     "signed_digests",
     "verify_signed_digests",
@@ -209,6 +210,34 @@ def verify_signed_digests(
         ... )  # doctest: +SKIP
     """
     signed = signed_digests(signature, signed_by=signed_by, where=where)
+    check_digests(signed, digests, where=where, signature_name=signature.path.name)
+
+
+def check_digests(
+    signed: Mapping[str, str],
+    digests: Mapping[str, str],
+    *,
+    where: str,
+    signature_name: str = SIGNATURE_NAME,
+) -> None:
+    """Raise unless every file of ``digests`` is in the verified manifest ``signed`` with that sha256.
+
+    The second half of :func:`verify_signed_digests`, for a caller that verified the signature first
+    (:func:`signed_digests`) and compares each file as it is read, before parsing it.
+
+    Args:
+        signed: The manifest, from :func:`signed_digests`.
+        digests: ``{name: sha256 hex}`` of files read (names as in :func:`verify_signed_digests`).
+        where: How messages name the signed folder.
+        signature_name: The signature's file name in that folder, for messages.
+
+    Raises:
+        AdapterIntegrityError: As :func:`verify_signed_digests`, for a file not in the manifest or
+            not matching it.
+
+    Example:
+        >>> check_digests({"a.json": "00" * 32}, {"a.json": "00" * 32}, where="out/adapter")
+    """
     problems: list[tuple[str, str | None, str]] = []  # (name, signed sha256 or None, sha256 read)
     for name, actual in sorted((_name(n), d.lower()) for n, d in digests.items()):
         expected = signed.get(name)
@@ -217,7 +246,7 @@ def verify_signed_digests(
     if not problems:
         return
     name, expected, actual = problems[0]
-    sig = _join(where, signature.path.name)
+    sig = _join(where, signature_name)
     if expected is None:
         listed = _first(sorted(signed)) or "no file"
         what = (

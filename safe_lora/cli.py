@@ -1,5 +1,9 @@
 """The ``safe-lora`` command: ``demo``, ``inspect ID_OR_PATH`` and ``--version``.
 
+``inspect`` also takes what the loaders take to vouch for the bytes and the fit: ``--sha256 FILE=HEX``
+(``expected_sha256=``), ``--signed-by KEY.pem`` (``signed_by=``) and ``--base ID_OR_PATH``
+(``inspect_adapter(base_model=...)``).
+
 Thin by design: argument parsing, dispatch, printing and exit codes. The work is done by
 :func:`safe_lora._demo.run_demo`, :func:`safe_lora._inspect.inspect_adapter` and
 :func:`safe_lora._config.trainer_checkpoints`.
@@ -14,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Callable
@@ -143,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--header-only", action="store_true", help="skip scanning the tensor values for NaN/inf"
     )
+    inspect.add_argument(
+        "--sha256",
+        metavar="FILE=HEX",
+        type=_pin,
+        action="append",
+        help=(
+            "require a file's sha256 (as sha256sum prints it), e.g. adapter_config.json=HEX; a bare HEX "
+            "pins the weights file; repeat for several files (expected_sha256=)"
+        ),
+    )
+    inspect.add_argument(
+        "--signed-by",
+        metavar="KEY.pem",
+        help="require an OpenSSF model-signing signature (model.sig) by this PEM public key (signed_by=)",
+    )
+    inspect.add_argument(
+        "--base",
+        metavar="ID_OR_PATH",
+        help=(
+            "also check against this base model (a folder or hub id; only its config.json is read, and "
+            "the model built on the meta device): exactly the verdict load_for_inference would give"
+        ),
+    )
     inspect.set_defaults(handler=_inspect)
     return parser
 
@@ -163,6 +191,47 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _pin(text: str) -> tuple[str | None, str]:
+    """``FILE=HEX`` or a bare ``HEX`` (the weights file): ``(file name or None, hex)``."""
+    name, sep, digest = text.rpartition("=")
+    digest = digest.strip()
+    if not _SHA256.fullmatch(digest):
+        raise argparse.ArgumentTypeError(
+            f"expected FILE=HEX or HEX, HEX being 64 hexadecimal digits as sha256sum prints them, "
+            f"found {text!r}"
+        )
+    if sep and not name.strip():
+        raise argparse.ArgumentTypeError(f"expected a file name before '=', found {text!r}")
+    return (name.strip() if sep else None), digest.lower()
+
+
+def _pins(given: list[tuple[str | None, str]] | None) -> str | dict[str, str] | None:
+    """The ``expected_sha256=`` that ``--sha256`` options mean.
+
+    Raises:
+        ValueError: Two digests for one file, or a bare digest next to named ones.
+    """
+    if not given:
+        return None
+    bare = [digest for name, digest in given if name is None]
+    if bare:
+        if len(given) > 1:
+            raise ValueError(
+                "a bare --sha256 HEX pins the weights file alone; to pin several files, name each one "
+                "(--sha256 adapter_model.safetensors=HEX --sha256 adapter_config.json=HEX)"
+            )
+        return bare[0]
+    pins: dict[str, str] = {}
+    for name, digest in given:
+        assert name is not None
+        if pins.setdefault(name, digest) != digest:
+            raise ValueError(f"--sha256 gives two different digests for {name}")
+    return pins
 
 
 def _rate(text: str) -> float:
@@ -195,17 +264,35 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    try:
+        pins = _pins(args.sha256)
+    except ValueError as exc:
+        print(f"{PROG} inspect: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
     from safe_lora._inspect import inspect_adapter
     from safe_lora._source import CONFIG_NAME, trainer_checkpoints
 
+    signed_by = None
+    if args.signed_by is not None:
+        from safe_lora._signing import verifying_config
+
+        try:  # the key is read now: a wrong one fails before anything is downloaded
+            signed_by = verifying_config(args.signed_by)
+        except (ImportError, ValueError, TypeError) as exc:
+            _fail(f"--signed-by: {exc}")
+            return EXIT_FAILED
     target, checkpoints = args.path, []
     if args.subfolder is None and not (Path(args.path) / CONFIG_NAME).is_file():
         checkpoints = trainer_checkpoints(args.path)  # a Trainer output folder: the latest checkpoint
         target = checkpoints[-1] if checkpoints else args.path
     report = inspect_adapter(
         target,
+        base_model=args.base,
         allow_pickle=args.allow_pickle,
         check_values=not args.header_only,
+        expected_sha256=pins,
+        signed_by=signed_by,
         subfolder=args.subfolder,
         revision=args.revision,
     )
@@ -368,11 +455,24 @@ def render_inspect(report: AdapterReport) -> str:
             f"  {'tensors':<16} {report.tensor_count:,} tensors, {report.parameter_count:,} parameters, "
             f"{report.tensor_bytes:,} bytes" + (f" ({dtypes})" if dtypes else "")
         )
+    if report.commit is not None:
+        lines.append(f"  {'commit':<16} {report.commit}")
+    width = max((len(name) for name in report.sha256), default=0)
+    for index, (name, digest) in enumerate(report.sha256.items()):
+        lines.append(f"  {'sha256' if index == 0 else '':<16} {name:<{width}}  {digest}")
+    if report.checked_against is not None:
+        lines.append(f"  {'checked against':<16} {report.checked_against}")
     lines += ["", "findings" if report.findings else "findings: none"]
     for finding in report.findings:
         lines += _wrap(f"{finding.severity:<7} {finding.code}: {finding.message}", "  ")
     lines.append("")
-    if report.loads_safely:
+    if report.loads_safely and report.checked_against is not None:
+        lines += _wrap(
+            f"loads safely: yes (load_for_inference / load_for_training would accept it into "
+            f"{report.checked_against})",
+            "",
+        )
+    elif report.loads_safely:
         lines += _wrap(
             "loads safely: yes (load_for_inference / load_for_training would accept it; shapes are "
             "checked against your base model when loading)",
