@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from safe_lora._dropout import deterministic_lora
+from safe_lora._dropout_freeze import deterministic_lora
 from safe_lora._loading import load_for_inference, load_for_training
 
 __all__ = ["DemoReport", "OutputCount", "VariantResult", "run_demo"]

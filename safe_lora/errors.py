@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from safe_lora._dropout import DropoutSite
+    from safe_lora._dropout_find import DropoutSite
 
 __all__ = [
     "AdapterAccessError",
