@@ -78,8 +78,11 @@ class DropoutSite:
             ``sample_at_inference=True``); :class:`deterministic_lora` cannot turn it off.
 
     Example:
-        >>> [s.name for s in live_dropout(peft_model)]  # doctest: +SKIP
-        ['base_model.model.fc1.lora_dropout.default']
+        >>> from peft import LoraConfig, get_peft_model
+        >>> config = LoraConfig(target_modules=["0"], lora_dropout=0.1)
+        >>> peft_model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), config).train()
+        >>> [(s.name, s.kind, s.p) for s in live_dropout(peft_model)]
+        [('base_model.model.0.lora_dropout.default', 'adapter', 0.1)]
     """
 
     name: str
@@ -498,8 +501,11 @@ def live_dropout(model: nn.Module) -> list[DropoutSite]:
         ['1 (base, Dropout.p, p=0.25)']
         >>> live_dropout(net.eval())
         []
-        >>> live_dropout(peft_model.train())  # doctest: +SKIP
-        [DropoutSite(name='base_model.model.fc1.lora_dropout.default', kind='adapter', p=0.1, ...)]
+        >>> from peft import LoraConfig, get_peft_model
+        >>> peft_model = get_peft_model(net, LoraConfig(target_modules=["0"], lora_dropout=0.1))
+        >>> [site.describe() for site in live_dropout(peft_model.train())]  # doctest: +NORMALIZE_WHITESPACE
+        ['base_model.model.0.lora_dropout.default (adapter, Dropout.p, p=0.1)',
+         'base_model.model.1 (base, Dropout.p, p=0.25)']
     """
     _, _, found, _ = discover(model)
     # Which gates an open block holds frozen is the next step's registry; that module imports this

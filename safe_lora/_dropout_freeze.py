@@ -193,10 +193,19 @@ class deterministic_lora:  # lower case like torch.no_grad: used as a context ma
             ``sample_at_inference=True``); it is named in the message.
 
     Example:
-        >>> with deterministic_lora(model):  # doctest: +SKIP
-        ...     val_loss = model(**val_batch).loss
-        >>> @deterministic_lora(model)  # doctest: +SKIP
-        ... def logprobs(batch): ...
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> config = LoraConfig(target_modules=["0"], lora_dropout=0.5, init_lora_weights=False)
+        >>> model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), config).train()
+        >>> x = torch.ones(2, 4)
+        >>> with deterministic_lora(model) as frozen, torch.no_grad():
+        ...     torch.equal(model(x), model(x))  # adapter dropout off: the same output twice
+        True
+        >>> [site.name for site in frozen], model.training  # and back in train mode after
+        (['base_model.model.0.lora_dropout.default'], True)
+        >>> @deterministic_lora(model)
+        ... def validate(batch: torch.Tensor) -> torch.Tensor:
+        ...     return model(batch)
     """
 
     def __init__(self, model: nn.Module, *, include_base: bool = False) -> None:
@@ -267,8 +276,14 @@ def assert_deterministic(model: nn.Module) -> None:
         NondeterministicModelError: Some dropout is live; its ``sites`` attribute lists them.
 
     Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
+        >>> assert_deterministic(net.eval())  # passes: every module is in eval mode
+        >>> assert_deterministic(net.train())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        safe_lora.errors.NondeterministicModelError: expected a deterministic model (no live dropout), ...
         >>> model = load_for_inference(base, "out/my-adapter")  # doctest: +SKIP
-        >>> assert_deterministic(model)  # passes: every module is in eval mode  # doctest: +SKIP
+        >>> assert_deterministic(model)  # doctest: +SKIP
     """
     sites = live_dropout(model)
     if not sites:

@@ -68,9 +68,14 @@ class MetaTwins:
         only: Swap only the tensors this accepts (default: all).
 
     Example:
-        >>> twins = MetaTwins(model)  # doctest: +SKIP
-        >>> ...  # PEFT injects into model: shapes only
-        >>> twins.restore(model)  # doctest: +SKIP
+        >>> model = nn.Linear(2, 3)
+        >>> weight = model.weight
+        >>> twins = MetaTwins(model)
+        >>> model.weight.device  # PEFT injects into model here: shapes only
+        device(type='meta')
+        >>> twins.restore(model)
+        >>> model.weight is weight
+        True
     """
 
     def __init__(self, model: nn.Module, *, only: Callable[[torch.Tensor], bool] | None = None) -> None:
@@ -146,9 +151,12 @@ def skeleton(model: nn.Module, *, plain: bool = False) -> nn.Module:
     allocated but Python objects; ``model`` is not changed. ``plain`` as for :func:`twin_of`.
 
     Example:
-        >>> copy_ = skeleton(model)  # doctest: +SKIP
-        >>> next(copy_.parameters()).device
-        device(type='meta')
+        >>> model = nn.Sequential(nn.Linear(2, 3))
+        >>> copy_ = skeleton(model)
+        >>> next(copy_.parameters()).device, next(model.parameters()).device
+        (device(type='meta'), device(type='cpu'))
+        >>> copy_[0] is model[0]
+        False
     """
     modules: dict[int, nn.Module] = {}
     tensors: dict[int, torch.Tensor] = {}
