@@ -69,6 +69,7 @@ class Case:
     expect: tuple[str, ...]
     # False where peft never applies the configured dropout in forward (so nothing can vary).
     stochastic: bool = True
+    slow: bool = False  # seconds to build: left to the full run
 
 
 def _shaped(*shape: int) -> Callable[[nn.Module], torch.Tensor]:
@@ -295,12 +296,20 @@ CASES = [
         _llama,
         ("shadow_dropout",),
     ),
-    Case("xlora", _xlora, _llama, ("internal_xlora_classifier", "lora_dropout.0", "lora_dropout.1")),
+    Case(
+        "xlora",
+        _xlora,
+        _llama,
+        ("internal_xlora_classifier", "lora_dropout.0", "lora_dropout.1"),
+        slow=True,
+    ),
 ]
 
 
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning", "ignore:Sparse invariant:UserWarning")
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else []) for c in CASES]
+)
 def test_every_tuner_dropout_is_off_inside_and_back_after(case: Case, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tuner construction chatter (BOFT's CUDA extension, ...)
