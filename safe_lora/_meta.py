@@ -54,6 +54,12 @@ def twin_of(tensor: torch.Tensor, *, plain: bool = False) -> torch.Tensor:
     return twin
 
 
+def _slots(module: nn.Module) -> tuple[dict[str, torch.Tensor | None], ...]:
+    """A module's own parameter and buffer dicts, typed as what is stored in them here: a twin is a
+    plain meta tensor when the real one is (the buffers), a parameter when it is one."""
+    return (module._parameters, module._buffers)  # type: ignore[return-value]
+
+
 def _storage_key(tensor: torch.Tensor) -> int:
     return int(tensor.untyped_storage()._cdata)
 
@@ -83,9 +89,13 @@ class MetaTwins:
         self._real: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         made: dict[int, torch.Tensor] = {}
         for module in model.modules():
-            for slot in (module._parameters, module._buffers):
+            for slot in _slots(module):
                 for name, tensor in slot.items():
-                    if tensor is None or tensor.device.type == "meta" or (only is not None and not only(tensor)):
+                    if (
+                        tensor is None
+                        or tensor.device.type == "meta"
+                        or (only is not None and not only(tensor))
+                    ):
                         continue
                     twin = made.get(id(tensor))
                     if twin is None:
@@ -111,7 +121,7 @@ class MetaTwins:
         """Put the real tensors back wherever a twin sits in ``model``, with the ``requires_grad`` the
         twin ended with (PEFT freezes the base weights while injecting)."""
         for module in model.modules():
-            for slot in (module._parameters, module._buffers):
+            for slot in _slots(module):
                 for name, tensor in slot.items():
                     entry = self._real.get(id(tensor)) if tensor is not None else None
                     if entry is None:

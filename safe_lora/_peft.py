@@ -104,7 +104,8 @@ def peft_type_name(config: PeftConfig) -> str:
 
 
 def config_class(peft_type: str) -> Any | None:
-    """PEFT's config class for a PEFT type name such as ``"LORA"``, or ``None`` (``PEFT_TYPE_TO_CONFIG_MAPPING``)."""
+    """PEFT's config class for a PEFT type name such as ``"LORA"``, or ``None``
+    (``PEFT_TYPE_TO_CONFIG_MAPPING``)."""
     # Keys are PeftType members, a str enum: equal to their plain names.
     return next((cls for kind, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items() if kind == peft_type), None)
 
