@@ -3,7 +3,8 @@ PEFT tuners (issue 3).
 
 Every tuner runs with rates of 0.5 so that a dropout the code misses shows up as outputs that differ
 between two passes inside the block. The 2-process DDP and the FSDP runs are in
-``test_dropout_distributed.py``; what is found (live_dropout, the cached walk) in ``test_dropout_find.py``.
+``test_dropout_freeze_distributed.py``; what is found (live_dropout, the cached walk) in
+``test_dropout_find.py``.
 """
 
 from __future__ import annotations
