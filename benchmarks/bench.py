@@ -464,7 +464,7 @@ def bench_load_memory(
 
 def _deterministic_lora() -> Any:
     """The context manager, imported lazily: it may not be exported (or written) yet."""
-    for module in ("safe_lora", "safe_lora._dropout"):
+    for module in ("safe_lora", "safe_lora._dropout_freeze"):
         try:
             found = getattr(importlib.import_module(module), "deterministic_lora", None)
         except ImportError:
@@ -491,7 +491,7 @@ def bench_toggle(base: nn.Module, adapter: Path, tokens: torch.Tensor, settings:
     )
     deterministic_lora = _deterministic_lora()
     if deterministic_lora is None:
-        note = "safe_lora has no deterministic_lora yet (safe_lora._dropout missing)"
+        note = "safe_lora has no deterministic_lora yet (safe_lora._dropout_freeze missing)"
         vs_round_trip.note = vs_forward.note = note
         return vs_round_trip, vs_forward
 

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from safe_lora import auto
     from safe_lora._adapters import load_adapter, set_active_adapter, use_adapter
     from safe_lora._config import dropout_rates
-    from safe_lora._dropout import DropoutSite, assert_deterministic, deterministic_lora, live_dropout
+    from safe_lora._dropout_find import DropoutSite, live_dropout
+    from safe_lora._dropout_freeze import assert_deterministic, deterministic_lora
     from safe_lora._inspect import AdapterReport, Finding, inspect_adapter
     from safe_lora._loading import load_for_inference, load_for_training
     from safe_lora._provenance import receipt
@@ -44,13 +45,13 @@ if TYPE_CHECKING:
 # Where each lazily imported public name lives.
 _LAZY = {
     "AdapterReport": "safe_lora._inspect",
-    "DropoutSite": "safe_lora._dropout",
+    "DropoutSite": "safe_lora._dropout_find",
     "Finding": "safe_lora._inspect",
-    "assert_deterministic": "safe_lora._dropout",
-    "deterministic_lora": "safe_lora._dropout",
+    "assert_deterministic": "safe_lora._dropout_freeze",
+    "deterministic_lora": "safe_lora._dropout_freeze",
     "dropout_rates": "safe_lora._config",
     "inspect_adapter": "safe_lora._inspect",
-    "live_dropout": "safe_lora._dropout",
+    "live_dropout": "safe_lora._dropout_find",
     "load_adapter": "safe_lora._adapters",
     "load_for_inference": "safe_lora._loading",
     "load_for_training": "safe_lora._loading",

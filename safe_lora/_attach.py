@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,7 +201,8 @@ def inject_checked(
     assert failure is not None
     base = base_of(target)
     raise AdapterConfigError(
-        f"Adapter config does not fit this model in {where!r}: {type(failure).__name__}: {failure} — expected "
+        f"Adapter config does not fit this model in {where!r}: {type(failure).__name__}: {failure} — "
+        "expected "
         f"a config PEFT can apply to {type(base).__name__} (target modules that exist in it, valid field "
         f"values) — check that this adapter was trained on this base model architecture, or fix the "
         f"config (e.g. 'target_modules').",
@@ -360,7 +361,8 @@ def attach(
             Finding(
                 "warning",
                 "keys-partial",
-                f"Loaded adapter {name!r} from {adapter.source.label} with strict=False: missing keys (left at "
+                f"Loaded adapter {name!r} from {adapter.source.label} with strict=False: missing keys (left "
+                "at "
                 f"their initial values): [{_fmt_keys(missing)}]; unexpected keys (ignored): "
                 f"[{_fmt_keys(unexpected)}].",
                 tuple(missing + unexpected),
@@ -373,7 +375,7 @@ def attach(
 def _rng_devices() -> list[int]:
     # The CUDA generators too, when CUDA is in use: PEFT's default path initialises on the adapter's
     # device. Asking for them without CUDA initialised would initialise it.
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []  # type: ignore[no-untyped-call]
 
 
 def _tensors(adapter: AdapterOnDisk, options: AttachOptions) -> dict[str, torch.Tensor]:
@@ -514,7 +516,8 @@ def _load_default(
             raise AdapterWeightsError(
                 f"Adapter weights do not match the config in {adapter.weights_path!r}: "
                 f"{len(nowhere)} unexpected key(s) nothing consumes: {_fmt_keys(nowhere)} — a "
-                f"partial load silently does less than it should — load it without low_cpu_mem_usage=True, or "
+                "partial load silently does less than it should — load it without low_cpu_mem_usage=True, "
+                "or "
                 f"pass strict=False to load what fits with a warning.",
                 path=adapter.weights_path,
                 unexpected_keys=nowhere,
@@ -729,8 +732,10 @@ def _guarded_load(
     except _Misfit as misfit:
         keys = sorted(misfit.landed + misfit.wrong_dtype + misfit.mismatched)
         raise AdapterWeightsError(
-            f"Adapter weights do not fit this model in {adapter.weights_path!r}: {_fmt_keys(keys)} would land in "
-            f"tensors the adapter does not own, or do not fit them — re-save the adapter with save_pretrained.",
+            f"Adapter weights do not fit this model in {adapter.weights_path!r}: {_fmt_keys(keys)} would "
+            "land in "
+            "tensors the adapter does not own, or do not fit them — re-save the adapter with "
+            "save_pretrained.",
             path=adapter.weights_path,
             unexpected_keys=misfit.landed,
             wrong_dtypes={k: "?" for k in misfit.wrong_dtype},
@@ -739,7 +744,8 @@ def _guarded_load(
         # PEFT could not place a file key (a modules_to_save weight missing from the file, a shape
         # torch refuses).
         raise AdapterWeightsError(
-            f"Adapter weights could not be loaded from {adapter.weights_path!r}: {type(exc).__name__}: {exc} — "
+            f"Adapter weights could not be loaded from {adapter.weights_path!r}: {type(exc).__name__}: {exc} "
+            "— "
             f"re-save the adapter with save_pretrained, or load it into the base model it was trained on.",
             path=adapter.weights_path,
         ) from exc

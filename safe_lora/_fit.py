@@ -115,7 +115,8 @@ def fit_findings(
         )
         error = AdapterWeightsError(
             f"Adapter weights have the wrong shape for this base model in {where!r}: {len(shown)} tensor(s) "
-            f"— {advice} — expected the shapes the config's targets give on this model, found {detail}{more}.",
+            f"— {advice} — expected the shapes the config's targets give on this model, found "
+            f"{detail}{more}.",
             path=where,
             mismatched_keys=mismatched,
             missing_keys=missing,
@@ -130,7 +131,8 @@ def fit_findings(
     if kinds:
         bad = {k: header[k].dtype for k in kinds}
         error = AdapterWeightsError(
-            f"Adapter weights have the wrong dtype in {where!r}: {_fmt_keys(f'{k} ({v})' for k, v in bad.items())} "
+            f"Adapter weights have the wrong dtype in {where!r}: "
+            f"{_fmt_keys(f'{k} ({v})' for k, v in bad.items())} "
             f"— expected the floating-point (or, for index buffers, integer) tensors the adapter holds — the "
             f"file is corrupt or was written by another tool; re-save the adapter with save_pretrained.",
             path=where,

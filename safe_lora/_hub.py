@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from safe_lora.errors import (
     AdapterIntegrityError,
     AdapterNotFoundError,
     HubUnreachableWarning,
-    _user_stacklevel,
+    warn,
 )
 
 if TYPE_CHECKING:
@@ -368,12 +367,11 @@ def open_folder(
         if force_download:
             _raise_cannot_force(repo_id, exc.reason)
         folder = _from_cache(reason=exc.reason, **common)
-        warnings.warn(
+        warn(
             f"Hugging Face Hub unreachable ({exc.detail}): loading adapter {folder.label} from the local "
             f"cache, which may be older than the hub's revision — check the connection (or set "
             f"HF_HUB_OFFLINE=1 to mean it).",
             HubUnreachableWarning,
-            stacklevel=_user_stacklevel(),
         )
         return folder
 

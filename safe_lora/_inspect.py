@@ -345,8 +345,9 @@ def _model_config(name: str, *, token: str | bool | None, cache_dir: Any) -> Any
             name, token=token, cache_dir=cache_dir, trust_remote_code=False
         )
     except (OSError, ValueError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise AdapterNotFoundError(
-            f"Base model config not found: {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}) "
+            f"Base model config not found: {name!r} ({type(exc).__name__}: {first_line}) "
             f"— expected a folder or hub repo holding the base model's config.json — check base_model=.",
             path=name,
         ) from exc

@@ -98,6 +98,12 @@ def twin_of(tensor: torch.Tensor, *, plain: bool = False) -> torch.Tensor:
     return twin
 
 
+def _slots(module: nn.Module) -> tuple[dict[str, torch.Tensor | None], ...]:
+    """A module's own parameter and buffer dicts, typed as what is stored in them here: a twin is a
+    plain meta tensor when the real one is (the buffers), a parameter when it is one."""
+    return (module._parameters, module._buffers)  # type: ignore[return-value]
+
+
 def _storage_key(tensor: torch.Tensor) -> int:
     return int(tensor.untyped_storage()._cdata)
 
@@ -112,9 +118,14 @@ class MetaTwins:
         only: Swap only the tensors this accepts (default: all).
 
     Example:
-        >>> twins = MetaTwins(model)  # doctest: +SKIP
-        >>> ...  # PEFT injects into model: shapes only
-        >>> twins.restore(model)  # doctest: +SKIP
+        >>> model = nn.Linear(2, 3)
+        >>> weight = model.weight
+        >>> twins = MetaTwins(model)
+        >>> model.weight.device  # PEFT injects into model here: shapes only
+        device(type='meta')
+        >>> twins.restore(model)
+        >>> model.weight is weight
+        True
     """
 
     def __init__(self, model: nn.Module, *, only: Callable[[torch.Tensor], bool] | None = None) -> None:
@@ -122,9 +133,13 @@ class MetaTwins:
         self._real: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         made: dict[int, torch.Tensor] = {}
         for module in model.modules():
-            for slot in (module._parameters, module._buffers):
+            for slot in _slots(module):
                 for name, tensor in slot.items():
-                    if tensor is None or tensor.device.type == "meta" or (only is not None and not only(tensor)):
+                    if (
+                        tensor is None
+                        or tensor.device.type == "meta"
+                        or (only is not None and not only(tensor))
+                    ):
                         continue
                     twin = made.get(id(tensor))
                     if twin is None:
@@ -150,7 +165,7 @@ class MetaTwins:
         """Put the real tensors back wherever a twin sits in ``model``, with the ``requires_grad`` the
         twin ended with (PEFT freezes the base weights while injecting)."""
         for module in model.modules():
-            for slot in (module._parameters, module._buffers):
+            for slot in _slots(module):
                 for name, tensor in slot.items():
                     entry = self._real.get(id(tensor)) if tensor is not None else None
                     if entry is None:
@@ -190,9 +205,12 @@ def skeleton(model: nn.Module, *, plain: bool = False) -> nn.Module:
     allocated but Python objects; ``model`` is not changed. ``plain`` as for :func:`twin_of`.
 
     Example:
-        >>> copy_ = skeleton(model)  # doctest: +SKIP
-        >>> next(copy_.parameters()).device
-        device(type='meta')
+        >>> model = nn.Sequential(nn.Linear(2, 3))
+        >>> copy_ = skeleton(model)
+        >>> next(copy_.parameters()).device, next(model.parameters()).device
+        (device(type='meta'), device(type='cpu'))
+        >>> copy_[0] is model[0]
+        False
     """
     modules: dict[int, nn.Module] = {}
     tensors: dict[int, torch.Tensor] = {}

@@ -137,7 +137,8 @@ def resolve_patterns(
 
     Example:
         >>> from peft import LoraConfig
-        >>> resolve_patterns(LoraConfig(target_modules=r".*\\.q_proj"), ["a.q_proj", "a.k_proj"]).target_modules
+        >>> config = LoraConfig(target_modules=r".*\\.q_proj")
+        >>> resolve_patterns(config, ["a.q_proj", "a.k_proj"]).target_modules
         '(?:a\\\\.q_proj)'
     """
     fields = pattern_fields(config)

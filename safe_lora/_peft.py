@@ -43,12 +43,17 @@ __all__ = [
     "INCLUDE_LINEAR_LAYERS_SHORTHAND",
     "INJECTION_MODES",
     "INTEGER_SLOTS",
+    "MONTECLORA_SAMPLER_ATTR",
     "NOOP_RULES",
     "PATTERN_FIELDS",
+    "PROMPT_ENCODER_CHILD",
+    "SAMPLE_AT_INFERENCE_ATTR",
     "SAVED_PREFIX",
     "STRUCTURAL_RATES",
     "TASK_CLASSES",
     "TESTED_PEFT",
+    "TUNER_BASE_CHILD",
+    "TUNER_LAYER_BASE_CHILD",
     "TUNER_PREFIX",
     "WRAPPED_CHILDREN",
     "AuxiliaryTrainingWrapper",
@@ -67,6 +72,7 @@ __all__ = [
     "import_allowed",
     "init_keeps_base",
     "intercept_load_state_dict",
+    "is_router",
     "layer_param_names",
     "loading_context",
     "move_adapter_to_base_device",
@@ -102,7 +108,8 @@ def peft_type_name(config: PeftConfig) -> str:
 
 
 def config_class(peft_type: str) -> Any | None:
-    """PEFT's config class for a PEFT type name such as ``"LORA"``, or ``None`` (``PEFT_TYPE_TO_CONFIG_MAPPING``)."""
+    """PEFT's config class for a PEFT type name such as ``"LORA"``, or ``None``
+    (``PEFT_TYPE_TO_CONFIG_MAPPING``)."""
     # Keys are PeftType members, a str enum: equal to their plain names.
     return next((cls for kind, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items() if kind == peft_type), None)
 
@@ -245,6 +252,45 @@ def import_allowed(library: str) -> tuple[bool, list[str]]:
     untyped: Any = peft_auto
     allowlist: list[str] = untyped.get_default_import_allowlist()
     return bool(untyped.check_import_allowlist(allowlist, library)), allowlist
+
+
+# --------------------------------------------------------------------------------------------------
+# Where randomness lives in PEFT's modules (read by safe_lora._dropout_find)
+# --------------------------------------------------------------------------------------------------
+
+# Which children of a PEFT module start a subtree that belongs to an adapter (its dropout is the
+# adapter's, not the base model's):
+# - a tuner layer (``BaseTunerLayer``): every child but the wrapped layer, ``base_layer``
+#   (peft/tuners/tuners_utils.py, ``BaseTunerLayer.base_layer``);
+# - a tuner (``BaseTuner``): every child but the base model, ``model`` (``BaseTuner.__init__``), and
+#   a nested tuner (X-LoRA holds a LoRA tuner, peft/tuners/xlora/model.py): the X-LoRA classifier or
+#   a Shadow backbone are adapter machinery;
+# - a ``PeftModel``: only ``prompt_encoder``, the ModuleDict of p-tuning / prefix-tuning encoders
+#   keyed by adapter name (peft/peft_model.py, ``PeftModel.add_adapter`` / ``_setup_prompt_encoder``).
+TUNER_LAYER_BASE_CHILD = "base_layer"
+TUNER_BASE_CHILD = "model"
+PROMPT_ENCODER_CHILD = "prompt_encoder"
+
+# PVeRA's layers keep ``sample_at_inference`` as an ``{adapter: bool}`` dict: each adapter samples
+# its weights while the layer trains, and whatever the mode when True (peft/tuners/pvera/layer.py,
+# ``PveraLayer.update_layer`` and ``forward``: ``if not (self.training or
+# self.sample_at_inference[adapter_name])``).
+SAMPLE_AT_INFERENCE_ATTR = "sample_at_inference"
+
+# LoRA's MonteCLoRA variant adds a ``ModuleDict`` of samplers under this name to the tuner layer;
+# while the layer trains, each perturbs ``lora_A`` with sampled noise (peft/tuners/lora/variants.py,
+# ``MontecloraLinearVariant.init`` and ``forward``: ``if module.training: ... = sampler()``).
+MONTECLORA_SAMPLER_ATTR = "lora_monteclora_sampler"
+
+
+def is_router(cls: type) -> bool:
+    """Whether ``cls`` is one of PEFT's routers, which sample while training.
+
+    PEFT 0.21's Poly (peft/tuners/poly/router.py, ``Router`` / ``PolyRouter``) draws
+    RelaxedBernoulli routing weights when ``self.training``; matched by name under ``peft.`` so a
+    router another tuner adds the same way is caught too.
+    """
+    return cls.__name__.endswith("Router") and cls.__module__.startswith("peft.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,7 +531,7 @@ def complete_deferred(peft_model: nn.Module, adapter_name: str) -> dict[str, lis
     deferred: dict[str, list[str]] = {}
     for name, module in peft_model.named_modules():
         configs = getattr(module, "_lora_monteclora_config", None)
-        samplers = getattr(module, "lora_monteclora_sampler", None)
+        samplers = getattr(module, MONTECLORA_SAMPLER_ATTR, None)
         if not isinstance(configs, dict) or not isinstance(samplers, nn.ModuleDict):
             continue
         if adapter_name in configs and adapter_name not in samplers:
@@ -495,7 +541,7 @@ def complete_deferred(peft_model: nn.Module, adapter_name: str) -> dict[str, lis
                         module, adapter_name, configs[adapter_name]
                     )
             except (RuntimeError, NotImplementedError):
-                deferred[f"{name}.lora_monteclora_sampler"] = _sampler_tensor_names(configs[adapter_name])
+                deferred[f"{name}.{MONTECLORA_SAMPLER_ATTR}"] = _sampler_tensor_names(configs[adapter_name])
     return deferred
 
 

@@ -341,7 +341,8 @@ def parse_json_object(file: FileBytes, *, error: Callable[[str, str], Exception]
     depth = _depth(raw)
     if depth > JSON_MAX_DEPTH:
         raise error(
-            f"is nested {depth} levels deep (save_pretrained writes at most a few; the limit is {JSON_MAX_DEPTH})",
+            f"is nested {depth} levels deep (save_pretrained writes at most a few; the limit is "
+            f"{JSON_MAX_DEPTH})",
             "re-save the adapter",
         )
     return raw

@@ -89,9 +89,16 @@ class Snapshot:
         model: The model about to be loaded into (a base model or a ``PeftModel``).
 
     Example:
-        >>> snap = Snapshot(model)  # doctest: +SKIP
-        >>> snap.backup(model.fc1.weight)  # about to be written in place  # doctest: +SKIP
-        >>> snap.restore()  # exactly as before  # doctest: +SKIP
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> before = model[0].weight.detach().clone()
+        >>> snap = Snapshot(model)
+        >>> snap.backup(model[0].weight)  # about to be written in place
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.mul_(0)
+        >>> model.add_module("extra", nn.ReLU())
+        >>> snap.restore()  # exactly as before
+        >>> torch.equal(model[0].weight, before), len(model)
+        (True, 1)
     """
 
     def __init__(self, model: nn.Module, *, outer: Snapshot | None = None) -> None:

@@ -276,6 +276,7 @@ def _require_config(folder: Path) -> None:
         )
         raise AdapterNotFoundError(
             f"Adapter config not found: no {CONFIG_NAME} in {os.fspath(folder)!r} — expected the files "
-            f"PeftModel.save_pretrained writes, found {present[:10]}{' ...' if len(present) > 10 else ''} — {hint}.",
+            f"PeftModel.save_pretrained writes, found {present[:10]}{' ...' if len(present) > 10 else ''} — "
+            f"{hint}.",
             path=folder / CONFIG_NAME,
         )

@@ -23,7 +23,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP / DataParallel / FSDP / DeepSpeed / ``torch.compile`` wrappers (any nesting).
 
     Example:
-        >>> unwrap(torch.compile(net)) is net  # doctest: +SKIP
+        >>> import torch
+        >>> net = nn.Linear(2, 2)
+        >>> unwrap(torch.compile(nn.DataParallel(net))) is net
         True
     """
     seen: set[int] = set()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import types
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from safe_lora._dropout import DropoutSite
+    from safe_lora._dropout_find import DropoutSite
 
 __all__ = [
     "AdapterAccessError",
@@ -59,13 +60,23 @@ def _outside(filename: str) -> bool:
     return not path.startswith(_PACKAGE) and path != _CONTEXTLIB
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first caller outside safe_lora.
+def _user_frame(depth: int = 1) -> types.FrameType:
+    """The first frame outside safe_lora (and ``contextlib``) above the caller's ``depth``-th frame.
 
-    For a ``warnings.warn`` call made by the function that calls this one. The public entry points
-    reach their checks through different call paths (context managers through ``contextlib`` too),
-    so a fixed number would blame a safe_lora frame on some of them.
+    The public entry points reach their checks through different call paths (context managers
+    through ``contextlib`` too, the decorator form through its wrapper), so a fixed ``stacklevel``
+    would blame a safe_lora frame on some of them. When every frame is safe_lora's (``python -m
+    safe_lora``), the outermost one.
     """
+    frame = sys._getframe(depth + 1)
+    while frame.f_back is not None and not _outside(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a ``warnings.warn`` made by the calling function at the first
+    caller outside safe_lora (see :func:`warn`, which every warning of safe_lora goes through)."""
     frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
     level = 1
     while frame.f_back is not None and not _outside(frame.f_code.co_filename):
@@ -78,10 +89,35 @@ def warn(message: str, category: type[Warning]) -> None:
     """``warnings.warn(message, category)`` attributed to the caller's line, not to safe_lora's code.
 
     Every warning safe_lora emits goes through here, whatever public entry point and call path led to
-    it, so that the printed location and ``warnings.filterwarnings(..., module=...)`` name the
-    caller's file and line.
+    it, so that the printed location, a recorded warning's ``filename`` and ``lineno``, and
+    ``warnings.filterwarnings(..., module=...)`` name the caller's file and line.
+
+    The frame is found here and handed to ``warnings.warn_explicit`` -- with the module name,
+    ``__warningregistry__`` and globals ``warnings.warn`` itself would use for it -- rather than
+    turned into a ``stacklevel``: ``skip_file_prefixes`` exists only from Python 3.12, and a
+    ``stacklevel`` counted here need not be the one ``warnings.warn`` counts (it steps over
+    importlib's frames, for one). The same frame on Python 3.10 to 3.13.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn("example", SafeLoraWarning)
+        >>> caught[0].category.__name__, str(caught[0].message), caught[0].lineno
+        ('SafeLoraWarning', 'example', 3)
     """
-    warnings.warn(message, category, stacklevel=_user_stacklevel())
+    frame = _user_frame(1)
+    module_globals = frame.f_globals
+    registry = module_globals.setdefault("__warningregistry__", {})
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=module_globals.get("__name__", "<string>"),
+        registry=registry,
+        module_globals=module_globals,
+    )
 
 
 class SafeLoraError(Exception):

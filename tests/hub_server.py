@@ -301,7 +301,8 @@ class Outcome:
     error: str | None  # the error's type name
     error_types: list[str]  # every class in the error's MRO, e.g. ["AdapterNotFoundError", ...]
     message: str
-    warnings: list[list[str]]  # [[category name, message, file name it is blamed on], ...]
+    # [[category name, message, file name it is blamed on, full path of that file, line], ...]
+    warnings: list[list[Any]]
     requests: list[Request]
     error_attrs: dict[str, Any] = field(default_factory=dict)  # e.g. {"path": ..., "expected": ...}
     seconds: float = 0.0  # how long the function ran, measured in the child from its call
@@ -334,11 +335,15 @@ class Outcome:
         return [f"{r.repo}/{r.resolved_file}" for r in self.requests if r.resolved_file]
 
     def warned(self, category: str) -> list[str]:
-        return [message for name, message, _ in self.warnings if name == category]
+        return [w[1] for w in self.warnings if w[0] == category]
 
     def warned_from(self, category: str) -> list[str]:
         """The file names the warnings of ``category`` are blamed on (their ``stacklevel``)."""
-        return [where for name, _, where in self.warnings if name == category]
+        return [w[2] for w in self.warnings if w[0] == category]
+
+    def warned_at(self, category: str) -> list[tuple[str, int]]:
+        """``(full path, line)`` of the caller's line each warning of ``category`` is blamed on."""
+        return [(w[3], w[4]) for w in self.warnings if w[0] == category]
 
 
 def _index(requests: list[Request], path: str, begin: int = 0, later: Iterable[str] = ()) -> int:
@@ -557,7 +562,7 @@ def child_main(argv: list[str]) -> None:
         outcome["seconds"] = time.monotonic() - start
         noise = (DeprecationWarning, FutureWarning)  # the libraries' own deprecations
         outcome["warnings"] = [
-            [w.category.__name__, str(w.message), Path(w.filename).name]
+            [w.category.__name__, str(w.message), Path(w.filename).name, w.filename, w.lineno]
             for w in caught
             if not issubclass(w.category, noise)
         ]

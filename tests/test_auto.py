@@ -230,11 +230,15 @@ def base_requests(outcome: Outcome) -> list[str]:
     return [f"{r.method} {r.path}" for r in outcome.requests if r.repo == "org/tiny-llama"]
 
 
+@pytest.mark.slow  # one child process for the hub tests (~15 s)
+@pytest.mark.hub
 def test_hub_id_gives_what_peft_auto_gives(hub_outcomes: dict[str, Outcome]) -> None:
     assert hub_outcomes["child_auto"].error is None, hub_outcomes["child_auto"].message
     assert hub_outcomes["child_peft_auto"].value == {"equal": True}
 
 
+@pytest.mark.slow  # one child process for the hub tests (~15 s)
+@pytest.mark.hub
 def test_hub_id_fetches_the_two_adapter_files_first_then_the_base(hub_outcomes: dict[str, Outcome]) -> None:
     downloads = hub_outcomes["child_auto"].downloads
     assert downloads[:2] == [f"org/adapter/{CONFIG}", f"org/adapter/{SAFETENSORS}"]
@@ -244,6 +248,8 @@ def test_hub_id_fetches_the_two_adapter_files_first_then_the_base(hub_outcomes: 
     assert touched == {f"org/adapter/{CONFIG}", f"org/adapter/{SAFETENSORS}"}
 
 
+@pytest.mark.slow  # one child process for the hub tests (~15 s)
+@pytest.mark.hub
 @pytest.mark.parametrize(
     ("scenario", "error", "match"),
     [
@@ -260,6 +266,8 @@ def test_broken_hub_adapter_costs_not_one_request_for_the_base(
     assert base_requests(outcome) == []
 
 
+@pytest.mark.slow  # one child process for the hub tests (~15 s)
+@pytest.mark.hub
 def test_raw_peft_auto_downloads_the_base_for_a_nan_adapter(hub_outcomes: dict[str, Outcome]) -> None:
     """What auto exists for, reproduced: PEFT fetches the base, then loads the NaN adapter silently."""
     outcome = hub_outcomes["child_peft_auto_nan"]

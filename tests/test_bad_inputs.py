@@ -52,8 +52,8 @@ from safe_lora import (
     load_for_inference,
     load_for_training,
 )
-from safe_lora._config import CONFIG_MAX_BYTES, parse_config, read_config, read_config_json
 from safe_lora._checks import noop_adapter, wrong_dtypes
+from safe_lora._config import CONFIG_MAX_BYTES, parse_config, read_config, read_config_json
 from safe_lora._peft import NOOP_RULES
 from safe_lora._readers import Weights
 
@@ -67,11 +67,15 @@ def read_header(path: Path) -> Any:
     """What the file says of each tensor, in safe_lora's spelling."""
     return Weights.of(load_file(path)).header
 
+
 pytestmark = [
     # PEFT's and torch's own notes while saving and loading the adapters below.
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
+
+# The two bases: the MLP in the quick tier, the tiny Llama (more modules, larger files) in the slow one.
+KINDS = ["mlp", pytest.param("llama", marks=pytest.mark.slow)]
 
 # Every dtype name safetensors knows, and some it does not.
 ST_DTYPES = [
@@ -668,7 +672,7 @@ def test_messages_name_fields_and_versions(tmp_path: Path, mlp_files: Pristine) 
     assert "saved by peft 9.9.9" in str(unknown.value)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_fresh_lora_warns_a_trained_one_does_not(tmp_path: Path, kind: Base) -> None:
     targets = ["fc1"] if kind == "mlp" else ["q_proj", "v_proj"]
     config = LoraConfig(target_modules=targets)  # lora_B starts at zero
@@ -743,7 +747,8 @@ def _campaign_folder(tmp_path_factory: pytest.TempPathFactory, pristine: Pristin
 REGIONS = {"config": (60, 20), "header": (60, 20), "data": (80, 15)}
 
 
-@pytest.mark.parametrize("kind", ["mlp", "llama"])
+@pytest.mark.slow  # a hypothesis campaign: the hand-written cases above are the quick tier's
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("region", list(REGIONS))
 def test_campaign_byte_edits(
     kind: Base, region: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -803,7 +808,8 @@ def header_edits(draw: st.DrawFn, header: dict[str, Any], size: int) -> tuple[di
     return header, length
 
 
-@pytest.mark.parametrize("kind", ["mlp", "llama"])
+@pytest.mark.slow  # a hypothesis campaign: the hand-written cases above are the quick tier's
+@pytest.mark.parametrize("kind", KINDS)
 def test_campaign_header_edits(
     kind: Base, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -865,7 +871,8 @@ def config_edits(draw: st.DrawFn, raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-@pytest.mark.parametrize("kind", ["mlp", "llama"])
+@pytest.mark.slow  # a hypothesis campaign: the hand-written cases above are the quick tier's
+@pytest.mark.parametrize("kind", KINDS)
 def test_campaign_config_edits(
     kind: Base, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Runs benchmarks/bench.py --quick in a subprocess: a minute or more.
+pytestmark = [pytest.mark.bench, pytest.mark.slow]
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 
 

@@ -20,8 +20,8 @@ from hub_server import HubServer, Request, folder_files
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-import safe_lora._demo as demo_module
 import safe_lora._checks as checks_module
+import safe_lora._demo as demo_module
 import safe_lora._inspect as inspect_module
 from safe_lora import AdapterNotFoundError, __version__, inspect_adapter, load_for_inference
 from safe_lora._demo import DemoReport, OutputCount, VariantResult, run_demo
@@ -99,6 +99,7 @@ def _histograms(text: str) -> list[tuple[str, list[tuple[float, int, str]]]]:
     return blocks
 
 
+@pytest.mark.slow  # the subprocess runs of the module fixture (~75 s)
 def test_demo_exits_0_and_shows_the_failure_and_the_fix(runs: dict[str, Run]) -> None:
     run = runs["demo"]
     assert run.returncode == 0, run.stderr
@@ -123,6 +124,7 @@ def test_demo_exits_0_and_shows_the_failure_and_the_fix(runs: dict[str, Run]) ->
     assert run.stdout.rstrip().splitlines()[-1].startswith("verdict: raw PEFT loaded with is_trainable=True")
 
 
+@pytest.mark.slow  # the subprocess runs of the module fixture (~75 s)
 def test_demo_json_holds_the_same_numbers(runs: dict[str, Run]) -> None:
     run = runs["demo-json"]
     assert run.returncode == 0, run.stderr
@@ -172,6 +174,7 @@ INSPECT_CASES = [
 ]
 
 
+@pytest.mark.slow  # the subprocess runs of the module fixture (~75 s)
 @pytest.mark.parametrize(
     ("name", "code", "stdout_has", "stderr_has"), INSPECT_CASES, ids=[c[0] for c in INSPECT_CASES]
 )
@@ -191,6 +194,7 @@ def test_inspect_exit_codes_and_messages(
     assert "Traceback" not in run.stderr + run.stdout
 
 
+@pytest.mark.slow  # the subprocess runs of the module fixture (~75 s)
 def test_inspect_missing_folder_prints_no_json(runs: dict[str, Run]) -> None:
     assert runs["inspect-missing"].stdout == ""
 
@@ -237,6 +241,8 @@ def _fetched(log: list[Request], repo: str) -> list[str]:
     return sorted({r.resolved_file for r in log if r.repo == repo and r.resolved_file})
 
 
+@pytest.mark.slow
+@pytest.mark.hub
 @pytest.mark.parametrize(
     ("run", "repo", "code", "fetched"),
     [
@@ -254,6 +260,8 @@ def test_inspect_hub_id_fetches_only_what_loading_would(
     assert _fetched(log, repo) == fetched
 
 
+@pytest.mark.slow
+@pytest.mark.hub
 def test_inspect_hub_id_reports_the_revision_asked_for(
     hub_runs: tuple[dict[str, Run], list[Request]],
 ) -> None:
@@ -263,6 +271,8 @@ def test_inspect_hub_id_reports_the_revision_asked_for(
     assert "/api/models/org/cli-rev/revision/v2" in [r.path for r in log]
 
 
+@pytest.mark.slow
+@pytest.mark.hub
 def test_inspect_pickle_only_hub_repo_says_why(hub_runs: tuple[dict[str, Run], list[Request]]) -> None:
     run = hub_runs[0]["hub-pickle"]
     assert "adapter_model.bin (pickle" in run.stdout  # its size from the hub's listing
@@ -460,3 +470,16 @@ def test_run_demo_without_dropout_is_deterministic_everywhere() -> None:
 def test_run_demo_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         run_demo(**kwargs)
+
+
+def test_python_dash_m_safe_lora_is_the_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m safe_lora`` (safe_lora/__main__.py), in-process: the subprocess runs are the slow tier."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["python -m safe_lora", "--version"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("safe_lora", run_name="__main__")
+    assert exit_.value.code == 0
+    assert __version__ in capsys.readouterr().out

@@ -635,6 +635,12 @@ MATRIX += [
 def _param(cell: Cell) -> Any:
     broken = lookup(RAW_BROKEN, cell.kind, cell.adapter, cell.loader_id)
     marks = [pytest.mark.xfail(strict=True, raises=broken[1], reason=broken[0])] if broken else []
+    # The quick tier (-m "not slow") keeps the fp32 cells: every variant and loader, every tuner; the
+    # other bases multiply them by five.
+    if cell.kind.startswith("bnb"):
+        marks += [pytest.mark.bnb, pytest.mark.slow]
+    elif cell.kind != "fp32":
+        marks.append(pytest.mark.slow)
     return pytest.param(cell, id=cell.id, marks=marks)
 
 

@@ -24,6 +24,9 @@ from hub_server import HubServer, Outcome, Request, folder_files
 from peft import LoraConfig
 from safetensors.torch import load_file
 
+# Every test judges the child processes of one module fixture (~25 s).
+pytestmark = [pytest.mark.hub, pytest.mark.slow]
+
 CONFIG, SAFETENSORS, PICKLE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 # What a training run leaves next to an adapter; a loader has no business fetching any of it.
 EXTRAS = {"README.md": b"# an adapter\n", "optimizer.pt": b"\x80optimizer", "training_args.bin": b"\x80args"}

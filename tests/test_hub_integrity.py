@@ -21,6 +21,9 @@ from peft import LoraConfig
 
 from safe_lora.errors import AdapterIntegrityError, AdapterNotFoundError, AdapterWeightsError
 
+# Every test judges the child processes of one module fixture (~25 s).
+pytestmark = [pytest.mark.hub, pytest.mark.slow]
+
 CONFIG, SAFETENSORS = "adapter_config.json", "adapter_model.safetensors"
 NAMES = [(CONFIG, "git-sha1"), (SAFETENSORS, "sha256")]
 

@@ -25,6 +25,9 @@ from peft import LoraConfig
 
 from safe_lora.errors import AdapterNotFoundError
 
+# Every test waits on a silent hub, from child processes.
+pytestmark = [pytest.mark.hub, pytest.mark.slow]
+
 BAR_S = 35.0  # from the call to the cached adapter or the typed error
 SILENT = ["child_silent_warm", "child_silent_cold"]
 METADATA = "/api/models/org/adapter/revision/main"

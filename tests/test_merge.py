@@ -78,6 +78,7 @@ def _messages(caught: list[warnings.WarningMessage]) -> Counter[str]:
     return Counter(str(w.message) for w in caught if not issubclass(w.category, SafeLoraWarning))
 
 
+@pytest.mark.bnb
 @pytest.mark.parametrize("kind", ["bnb4-fp32", "bnb4-bf16", "bnb8"])
 def test_merges_bitsandbytes_bases_like_peft_with_its_rounding_warning(
     kind: str, tmp_path: Path, llama_folder: Path

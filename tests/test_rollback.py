@@ -26,7 +26,8 @@ IDS = torch.tensor([[1, 5, 9, 3, 2]])
 pytestmark = pytest.mark.filterwarnings("ignore::safe_lora.errors.NoOpAdapterWarning")
 
 
-BASES = ["fp32", "bf16", "bnb4-fp32", "bnb8"]
+BNB = pytest.mark.bnb
+BASES = ["fp32", "bf16", pytest.param("bnb4-fp32", marks=BNB), pytest.param("bnb8", marks=BNB)]
 
 
 def quant_state(model: nn.Module) -> dict[str, Any]:
@@ -170,6 +171,7 @@ class Scribble(Interrupt):
         super().__call__(module, incompatible)
 
 
+@pytest.mark.bnb
 @pytest.mark.parametrize("kind", ["bnb4-fp32", "bnb4-bf16", "bnb8"])
 def test_quantized_storage_written_in_place_is_restored(
     kind: str, llama_folder: Path, tmp_path: Path

@@ -44,6 +44,8 @@ from safe_lora._signing import (
 )
 from safe_lora.errors import AdapterIntegrityError
 
+pytestmark = pytest.mark.signing
+
 READ = (CONFIG, SAFETENSORS)  # the files a safetensors load reads
 
 
@@ -469,6 +471,7 @@ def test_without_the_extra_the_error_says_how_to_install(
         verifying_config(42)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and PEFT
 def test_importing_safe_lora_does_not_import_model_signing() -> None:
     code = (
         "import sys, safe_lora, safe_lora._signing, safe_lora.auto\n"

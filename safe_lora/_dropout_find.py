@@ -1,12 +1,12 @@
-"""Freeze adapter dropout for a block and restore every module's mode exactly; find live dropout.
+"""Find what makes a forward pass stochastic: the first step of freezing adapter dropout.
 
-``model.eval()`` / ``model.train()`` flip *every* module and so undo modules a user froze on purpose;
-PEFT's ``disable_adapter`` re-enables everything on exit; setting ``p=0`` is permanent and misses
-dropout that is not an ``nn.Dropout``. :class:`deterministic_lora` instead turns off only the
-``training`` flag of the modules that gate adapter randomness, and on exit puts back the flag each
-module of the model had at entry, one module at a time.
+:func:`live_dropout` and :mod:`safe_lora._dropout_freeze` (``deterministic_lora``,
+``assert_deterministic``) both start here: one walk of the model, cached while its module tree is
+provably the same, lists every :class:`DropoutSite` -- what holds a rate or samples noise, and the
+module whose ``training`` flag gates it -- whatever its current mode.
 
-What gates randomness in PEFT (checked against peft 0.21's tuner ``layer.py`` files):
+What gates randomness in PEFT (checked against peft 0.21's tuner ``layer.py`` files; the PEFT
+names involved are facts of :mod:`safe_lora._peft`):
 
 * ``nn.Dropout`` modules in ``ModuleDict`` children of a tuner layer (``lora_dropout``,
   ``vera_dropout``, ``hira_dropout``, ...) and OFT/BOFT's ``MultiplicativeDropoutLayer`` -- gated
@@ -26,29 +26,29 @@ rate whose attribute name contains ``drop`` (``attention_dropout``, ``layerdrop`
 
 from __future__ import annotations
 
-import functools
 import operator
 import threading
-import types
-import warnings
 import weakref
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, ParamSpec, TypeGuard, TypeVar
+from typing import Literal, NamedTuple, TypeGuard
 
 from peft import PeftModel
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
-from torch.utils.hooks import RemovableHandle
 
-from safe_lora._peft import BaseTuner, BaseTunerLayer
+from safe_lora._peft import (
+    MONTECLORA_SAMPLER_ATTR,
+    PROMPT_ENCODER_CHILD,
+    SAMPLE_AT_INFERENCE_ATTR,
+    TUNER_BASE_CHILD,
+    TUNER_LAYER_BASE_CHILD,
+    BaseTuner,
+    BaseTunerLayer,
+    is_router,
+)
 from safe_lora._unwrap import unwrap as _unwrap
-from safe_lora.errors import NoAdapterWarning, NondeterministicModelError, StochasticAdapterWarning
 
-__all__ = ["DropoutSite", "assert_deterministic", "deterministic_lora", "live_dropout"]
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
+__all__ = ["TRAINING", "DropoutSite", "Found", "Kind", "discover", "live_dropout", "set_training"]
 
 Kind = Literal["adapter", "base"]
 
@@ -78,8 +78,11 @@ class DropoutSite:
             ``sample_at_inference=True``); :class:`deterministic_lora` cannot turn it off.
 
     Example:
-        >>> [s.name for s in live_dropout(peft_model)]  # doctest: +SKIP
-        ['base_model.model.fc1.lora_dropout.default']
+        >>> from peft import LoraConfig, get_peft_model
+        >>> config = LoraConfig(target_modules=["0"], lora_dropout=0.1)
+        >>> peft_model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), config).train()
+        >>> [(s.name, s.kind, s.p) for s in live_dropout(peft_model)]
+        [('base_model.model.0.lora_dropout.default', 'adapter', 0.1)]
     """
 
     name: str
@@ -97,7 +100,7 @@ class DropoutSite:
         return f"{self.name or '<root>'} ({self.kind}, {where}, p={self.p:g}{extra})"
 
 
-class _Found(NamedTuple):
+class Found(NamedTuple):
     """A site, the module whose ``training`` flag gates it, and the tuner layer that calls it."""
 
     site: DropoutSite
@@ -161,7 +164,7 @@ def _type_info(cls: type[nn.Module]) -> _TypeInfo:
             opens=opens,
             dropout_like=dropout_like,
             attention=attention,
-            router=name.endswith("Router") and cls.__module__.startswith("peft."),
+            router=is_router(cls),
             tuner_layer=opens == "tuner_layer",
             may_gate=dropout_like or attention or opens == "tuner_layer",
             plain_training=not any("training" in vars(c) for c in cls.__mro__),
@@ -174,10 +177,10 @@ def _type_info(cls: type[nn.Module]) -> _TypeInfo:
 
 _MODULE_SETATTR = nn.Module.__setattr__
 _CHILDREN = operator.attrgetter("_modules")
-_TRAINING = operator.attrgetter("training")
+TRAINING = operator.attrgetter("training")  # ``map(TRAINING, modules)``: every flag, in C
 
 
-def _set_training(module: nn.Module, flag: bool) -> None:
+def set_training(module: nn.Module, flag: bool) -> None:
     """``module.training = flag``, without the cost of ``nn.Module.__setattr__`` where it is safe.
 
     For a flag, ``nn.Module.__setattr__`` only makes sure no parameter, buffer or submodule has
@@ -222,13 +225,13 @@ def _opens_adapter(opens: _Opens, child_name: str, child: nn.Module) -> bool:
     """Whether ``parent.<child_name>`` starts a subtree that belongs to an adapter."""
     if opens == "tuner_layer":
         # Everything a tuner layer holds besides the wrapped layer is the adapter's.
-        return child_name != "base_layer"
+        return child_name != TUNER_LAYER_BASE_CHILD
     if opens == "tuner":
         # A tuner holds the base model as ``model``; X-LoRA holds a LoRA tuner. Anything else
         # (the X-LoRA classifier, a Shadow backbone) is adapter machinery.
-        return not (child_name == "model" or isinstance(child, BaseTuner))
+        return not (child_name == TUNER_BASE_CHILD or isinstance(child, BaseTuner))
     if opens == "peft_model":
-        return child_name == "prompt_encoder"  # p-tuning / prefix tuning encoders
+        return child_name == PROMPT_ENCODER_CHILD  # p-tuning / prefix tuning encoders
     return False
 
 
@@ -280,11 +283,12 @@ class _Walk:
 
 
 # Keyed weakly by the model object passed in (wrapper or not): a model that goes away takes its
-# walk with it.
+# walk with it. Blocks in several threads may walk at once: the table has its own lock.
 _WALKS: weakref.WeakKeyDictionary[nn.Module, _Walk] = weakref.WeakKeyDictionary()
+_WALKS_LOCK = threading.Lock()
 
 
-def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found], bool]:
+def discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[Found], bool]:
     """The unwrapped model, every module of ``model`` (wrappers included), all dropout sites of the
     unwrapped model (whatever their mode), and whether it holds any adapter.
 
@@ -293,18 +297,18 @@ def _discover(model: nn.Module) -> tuple[nn.Module, list[nn.Module], list[_Found
     the few modules that can gate randomness -- so a rate changed from 0 to 0.5 is never missed.
     """
     root = _unwrap(model)
-    with _LOCK:
+    with _WALKS_LOCK:
         walk = _WALKS.get(model)
     if walk is None or not walk.still_valid(root):
         walk = _walk(model, root)
-        with _LOCK:
+        with _WALKS_LOCK:
             _WALKS[model] = walk
-    found: list[_Found] = []
+    found: list[Found] = []
     for c in walk.candidates:
         hits = _sites_of(c.module, c.info, c.in_adapter, c.adapter, c.rates, c.dicts)
         if hits:
             kind: Kind = "adapter" if c.in_adapter or c.info.tuner_layer else "base"
-            found.extend(_Found(_site(c.name, kind, c.info.name, *hit), c.module, c.owner) for hit in hits)
+            found.extend(Found(_site(c.name, kind, c.info.name, *hit), c.module, c.owner) for hit in hits)
     return walk.root, walk.modules, found, walk.has_adapter
 
 
@@ -434,15 +438,15 @@ def _tuner_layer_sites(module: nn.Module, dicts: tuple[str, ...], hits: list[_Hi
                 if _is_rate(rate):
                     hits.append((float(rate), f"{attr}[{adapter!r}]", str(adapter), True))
     # PVeRA samples its weights while training, and always with sample_at_inference=True.
-    sample_at_inference = attrs.get("sample_at_inference")
+    sample_at_inference = attrs.get(SAMPLE_AT_INFERENCE_ATTR)
     if isinstance(sample_at_inference, dict):
         for adapter, always in sample_at_inference.items():
-            hits.append((_SAMPLING_P, f"sample_at_inference[{adapter!r}]", str(adapter), not always))
+            hits.append((_SAMPLING_P, f"{SAMPLE_AT_INFERENCE_ATTR}[{adapter!r}]", str(adapter), not always))
     # LoRA's MonteCLoRA variant perturbs lora_A with sampled noise while the layer trains.
-    sampler = module._modules.get("lora_monteclora_sampler")
+    sampler = module._modules.get(MONTECLORA_SAMPLER_ATTR)
     if isinstance(sampler, nn.ModuleDict):
         for adapter in sampler:
-            hits.append((_SAMPLING_P, f"lora_monteclora_sampler[{adapter!r}]", str(adapter), True))
+            hits.append((_SAMPLING_P, f"{MONTECLORA_SAMPLER_ATTR}[{adapter!r}]", str(adapter), True))
 
 
 # Sites are immutable and the same ones are found on every entry; building one is a good part of
@@ -472,223 +476,16 @@ def _site(
 
 
 # --------------------------------------------------------------------------------------------------
-# The registry of frozen modules
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Hold:
-    count: int
-    saved_training: bool  # the flag at the first (outermost) freeze
-
-
-# One lock and one table for the whole process: two blocks on the same model -- nested, or in two
-# threads -- share each frozen module's entry, so the module is released only by the last block
-# and gets back the flag it had before the first one. Keyed by the module object itself
-# (nn.Module hashes by identity).
-_LOCK = threading.RLock()
-_HELD: dict[nn.Module, _Hold] = {}
-
-
-def _reforce(gates: Sequence[nn.Module]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: object) -> None:
-        # ``model.train()`` inside the block flips the flags back on; undo that before any
-        # code that reads them runs.
-        for gate in gates:
-            if gate.training:
-                gate.training = False
-
-    return hook
-
-
-def _reforce_self(module: nn.Module, args: object) -> None:
-    """``_reforce`` for a gate's own hook: one function shared by all gates, no closure each."""
-    if module.training:
-        module.training = False
-
-
-@dataclass
-class _Entry:
-    modules: list[nn.Module]
-    flags: list[bool]  # each module's ``training`` flag at entry
-    gates: list[nn.Module]
-    handles: list[RemovableHandle]
-    sites: list[DropoutSite]
-
-
-def _enter(model: nn.Module, include_base: bool, stacklevel: int) -> _Entry:
-    root, modules, found, has_adapter = _discover(model)
-    if not has_adapter:
-        warnings.warn(
-            f"deterministic_lora: expected a model with PEFT adapter layers, found none in "
-            f"{type(model).__name__}; adapter dropout is left as it is. Pass the PeftModel, or the "
-            "model after load_adapter / inject_adapter_in_model.",
-            NoAdapterWarning,
-            stacklevel=stacklevel + 1,
-        )
-    chosen = [f for f in found if f.site.kind == "adapter" or include_base]
-    stuck = [f.site for f in chosen if not f.site.freezable]
-    if stuck:
-        names = ", ".join(f"{s.name} (adapter {s.adapter!r})" for s in stuck)
-        warnings.warn(
-            f"deterministic_lora: {names} sample(s) noise on every forward pass "
-            "(PVeRA sample_at_inference=True), so outputs inside the block stay random; expected "
-            "sample_at_inference=False -- set it to False on the adapter config for repeatable outputs.",
-            StochasticAdapterWarning,
-            stacklevel=stacklevel + 1,
-        )
-    # The same module can gate several sites (a LoHa layer with rank and module dropout).
-    gates = list({id(f.gate): f.gate for f in chosen if f.site.freezable}.values())
-    # One re-forcing hook per tuner layer, which calls its gates (every adapter's dropout in its
-    # ModuleDicts), rather than one per gate: a model with 24 adapters has thousands of gates, and
-    # registering a hook costs more than freezing the flag.
-    by_owner: dict[nn.Module, dict[int, nn.Module]] = {}
-    for f in chosen:
-        if f.site.freezable:
-            by_owner.setdefault(f.owner if f.owner is not None else f.gate, {})[id(f.gate)] = f.gate
-    with _LOCK:
-        flags = list(map(_TRAINING, modules))
-        for gate in gates:
-            hold = _HELD.get(gate)
-            if hold is None:
-                _HELD[gate] = _Hold(count=1, saved_training=gate.training)
-            else:
-                hold.count += 1
-            if gate.training is not False:
-                _set_training(gate, False)
-        handles: list[RemovableHandle] = []
-        if gates:
-            # On the tuner layer that calls the gates (or the gate itself outside a tuner layer),
-            # for code paths that skip the root (``generate``, a layer called directly), and so
-            # that a tuner layer that reads its dropout child's flag before calling it (FRoD) sees
-            # the frozen flag after a ``model.train()`` inside the block; on the root as well.
-            handles.append(root.register_forward_pre_hook(_reforce(gates)))
-            for owner, members in by_owner.items():
-                group = list(members.values())
-                hook = _reforce_self if group == [owner] else _reforce(group)
-                handles.append(owner.register_forward_pre_hook(hook))
-    return _Entry(modules=modules, flags=flags, gates=gates, handles=handles, sites=[f.site for f in chosen])
-
-
-def _exit(entry: _Entry) -> None:
-    with _LOCK:
-        for handle in entry.handles:
-            handle.remove()
-        released: dict[nn.Module, bool] = {}
-        for gate in entry.gates:
-            hold = _HELD[gate]
-            hold.count -= 1
-            if hold.count == 0:
-                del _HELD[gate]
-                released[gate] = hold.saved_training
-        for module, training, now in zip(
-            entry.modules, entry.flags, map(_TRAINING, entry.modules), strict=True
-        ):
-            # Set only flags that changed (the setter is not free); skip modules that another
-            # open block still holds frozen (that block restores them) and released gates.
-            if now is not training and module not in _HELD and module not in released:
-                _set_training(module, training)
-        # A gate gets the flag from before the first block; the captured one may be a frozen
-        # False from inside an enclosing (or concurrent) block. Also covers gates no longer part
-        # of the model.
-        for module, training in released.items():
-            if module.training is not training:
-                _set_training(module, training)
-
-
-# --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
-
-
-class deterministic_lora:  # lower case like torch.no_grad: used as a context manager and a decorator
-    """Turn off adapter dropout for a block; restore every module's ``training`` flag on exit.
-
-    Inside the block every dropout that belongs to a PEFT adapter is inactive -- LoRA (Linear,
-    Embedding, Conv, ``Conv1D``, MultiheadAttention, DoRA), AdaLoRA, LoHa/LoKr rank and module
-    dropout, VeRA, OFT/BOFT and the other tuners with a dropout rate, plus the sampling of PVeRA,
-    MonteCLoRA and Poly. Nothing else changes: base-model dropout keeps its mode (unless
-    ``include_base``), no ``p``, parameter or ``requires_grad`` is touched, and gradients flow,
-    so a training step can run inside the block. On exit -- normal or by exception -- each
-    module's flag is what it was at entry, module by module (never a blanket ``model.train()``).
-
-    Blocks nest, can be open on the same model in several threads at once and be left in any
-    order; adapter dropout stays off until the last one exits, even if ``model.train()`` is
-    called inside (a forward pre-hook turns the frozen flags off again before each pass).
-
-    Accepts a ``PeftModel``, a tuner model, a model with adapters injected by
-    ``inject_adapter_in_model`` or transformers' ``load_adapter``, and any of these wrapped by
-    DDP, FSDP, ``torch.compile`` or accelerate.
-
-    Args:
-        model: The model whose adapter dropout to freeze.
-        include_base: Also freeze the base model's own dropout (and the ``training`` flag of
-            modules that gate dropout on it, such as transformers attention layers -- other
-            behaviour behind those flags, e.g. gradient checkpointing, is off inside the block too).
-
-    Warns:
-        NoAdapterWarning: ``model`` holds no adapter layers; adapter dropout is left alone
-            (base dropout is still frozen with ``include_base=True``).
-        StochasticAdapterWarning: A layer samples whatever its mode (PVeRA with
-            ``sample_at_inference=True``); it is named in the message.
-
-    Example:
-        >>> with deterministic_lora(model):  # doctest: +SKIP
-        ...     val_loss = model(**val_batch).loss
-        >>> @deterministic_lora(model)  # doctest: +SKIP
-        ... def logprobs(batch): ...
-    """
-
-    def __init__(self, model: nn.Module, *, include_base: bool = False) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"deterministic_lora: expected a torch.nn.Module, found {type(model).__name__}; "
-                "pass the model (PeftModel, wrapped or not)."
-            )
-        self.model = model
-        self.include_base = include_base
-        # One stack per thread: the same object may be entered from several threads, or
-        # recursively through the decorator form.
-        self._local = threading.local()
-
-    def _stack(self) -> list[_Entry]:
-        stack: list[_Entry] | None = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = []
-            self._local.stack = stack
-        return stack
-
-    def __enter__(self) -> list[DropoutSite]:
-        """Freeze; returns the sites this block froze (adapter ones, plus base with ``include_base``)."""
-        entry = _enter(self.model, self.include_base, stacklevel=2)
-        self._stack().append(entry)
-        return list(entry.sites)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        _exit(self._stack().pop())
-
-    def __call__(self, func: Callable[_P, _R]) -> Callable[_P, _R]:
-        """Decorator form: each call of ``func`` runs inside a fresh block."""
-
-        @functools.wraps(func)
-        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            with self:
-                return func(*args, **kwargs)
-
-        return wrapper
 
 
 def live_dropout(model: nn.Module) -> list[DropoutSite]:
     """List what would make a forward pass of ``model`` stochastic right now.
 
     A site is live when the module that gates it is in training mode and not frozen by an open
-    :class:`deterministic_lora` block, or when it samples whatever its mode. Rates of 0 and
-    ``nn.Identity`` placeholders are not listed. The check is conservative: dropout of an
+    :class:`~safe_lora.deterministic_lora` block, or when it samples whatever its mode. Rates of 0
+    and ``nn.Identity`` placeholders are not listed. The check is conservative: dropout of an
     inactive or merged adapter is listed too, since ``set_adapter`` / ``unmerge`` would use it.
 
     Args:
@@ -699,49 +496,20 @@ def live_dropout(model: nn.Module) -> list[DropoutSite]:
         inside ``deterministic_lora(model, include_base=True)``.
 
     Example:
-        >>> live_dropout(peft_model.train())  # doctest: +SKIP
-        [DropoutSite(name='base_model.model.fc1.lora_dropout.default', kind='adapter', p=0.1, ...)]
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.25))
+        >>> [site.describe() for site in live_dropout(net.train())]
+        ['1 (base, Dropout.p, p=0.25)']
+        >>> live_dropout(net.eval())
+        []
+        >>> from peft import LoraConfig, get_peft_model
+        >>> peft_model = get_peft_model(net, LoraConfig(target_modules=["0"], lora_dropout=0.1))
+        >>> [site.describe() for site in live_dropout(peft_model.train())]  # doctest: +NORMALIZE_WHITESPACE
+        ['base_model.model.0.lora_dropout.default (adapter, Dropout.p, p=0.1)',
+         'base_model.model.1 (base, Dropout.p, p=0.25)']
     """
-    _, _, found, _ = _discover(model)
-    with _LOCK:
-        return [f.site for f in found if not f.site.freezable or (f.gate.training and f.gate not in _HELD)]
+    _, _, found, _ = discover(model)
+    # Which gates an open block holds frozen is the next step's registry; that module imports this
+    # one, so it is imported here, when first needed.
+    from safe_lora._dropout_freeze import live
 
-
-def _fmt_sites(sites: Sequence[DropoutSite], limit: int = 10) -> str:
-    lines = [f"  - {site.describe()}" for site in sites[:limit]]
-    if len(sites) > limit:
-        lines.append(f"  ... ({len(sites) - limit} more)")
-    return "\n".join(lines)
-
-
-def assert_deterministic(model: nn.Module) -> None:
-    """Raise unless a forward pass of ``model`` is free of dropout -- for serving start-up.
-
-    Args:
-        model: The model about to serve, wrapped or not.
-
-    Raises:
-        NondeterministicModelError: Some dropout is live; its ``sites`` attribute lists them.
-
-    Example:
-        >>> model = load_for_inference(base, "out/my-adapter")  # doctest: +SKIP
-        >>> assert_deterministic(model)  # passes: every module is in eval mode  # doctest: +SKIP
-    """
-    sites = live_dropout(model)
-    if not sites:
-        return
-    adapter = sum(site.kind == "adapter" for site in sites)
-    advice = (
-        "Call model.eval() before serving (or load it with safe_lora.load_for_inference), or run "
-        "the forward pass inside safe_lora.deterministic_lora(model, include_base=True)."
-    )
-    if any(not site.freezable for site in sites):
-        advice += (
-            " Layers that sample even in eval mode need their adapter config changed "
-            "(PVeRA: sample_at_inference=False)."
-        )
-    raise NondeterministicModelError(
-        f"expected a deterministic model (no live dropout), found {len(sites)} live dropout "
-        f"site(s) ({adapter} adapter, {len(sites) - adapter} base):\n{_fmt_sites(sites)}\n{advice}",
-        sites=sites,
-    )
+    return live(found)

@@ -19,6 +19,9 @@ import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+# One 2-rank spawn for the module (~20 s).
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 WORLD = 2
 NAMES = ["base_model.model.fc1.lora_dropout.default", "base_model.model.fc2.lora_dropout.default"]
 

@@ -1,8 +1,10 @@
-"""deterministic_lora / live_dropout / assert_deterministic against real PEFT tuners (issue 3).
+"""Freezing dropout (safe_lora._dropout_freeze): deterministic_lora and assert_deterministic against real
+PEFT tuners (issue 3).
 
 Every tuner runs with rates of 0.5 so that a dropout the code misses shows up as outputs that differ
 between two passes inside the block. The 2-process DDP and the FSDP runs are in
-``test_dropout_distributed.py``.
+``test_dropout_freeze_distributed.py``; what is found (live_dropout, the cached walk) in
+``test_dropout_find.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,25 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from _dropout_nets import (
+    PEFT_NAMES,
+    X16,
+    ConvNet,
+    EmbNet,
+    GPT2ConvNet,
+    MhaNet,
+    Net,
+    T,
+    adapter_names,
+    all_equal,
+    draws,
+    flags,
+    peft_net,
+    perturb,
+    repeatable,
+)
+from _dropout_nets import run_linear as _lin
+from _dropout_nets import run_llama as _llama
 from conftest import assert_unchanged, save_adapter, snapshot, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +47,6 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 
 from safe_lora import (
-    DropoutSite,
     NoAdapterWarning,
     NondeterministicModelError,
     SafeLoraError,
@@ -34,105 +54,7 @@ from safe_lora import (
     assert_deterministic,
     deterministic_lora,
     live_dropout,
-    load_for_inference,
 )
-
-# --------------------------------------------------------------------------------------------------
-# Tiny models and helpers
-# --------------------------------------------------------------------------------------------------
-
-
-class Net(nn.Module):
-    """Linear(16, 16) -> ReLU -> [Dropout] -> Linear(16, 16); the optional dropout is the base's own."""
-
-    def __init__(self, base_dropout: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 16)
-        self.act = nn.ReLU()
-        self.drop = nn.Dropout(base_dropout)
-        self.fc2 = nn.Linear(16, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.drop(self.act(self.fc1(x))))  # type: ignore[no-any-return]
-
-
-class EmbNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(10, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.emb(x)  # type: ignore[no-any-return]
-
-
-class ConvNet(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        conv: type[nn.Module] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
-        self.conv = conv(4, 8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)  # type: ignore[no-any-return]
-
-
-class GPT2ConvNet(nn.Module):
-    """transformers' ``Conv1D`` (a transposed Linear, as in GPT-2's ``c_attn``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
-        self.c_attn = Conv1D(16, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_attn(x)  # type: ignore[no-any-return]
-
-
-class MhaNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mha(x, x, x)[0]  # type: ignore[no-any-return]
-
-
-def perturb(model: nn.Module, seed: int = 1) -> None:
-    """Make every trainable (adapter) weight non-trivial, so that dropping a unit changes outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=gen))
-
-
-def peft_net(config: peft.PeftConfig, base: nn.Module | None = None) -> PeftModel:
-    torch.manual_seed(0)
-    model = get_peft_model(base if base is not None else Net(), config)
-    perturb(model)
-    return model.train()
-
-
-def flags(model: nn.Module) -> dict[str, bool]:
-    return {name: m.training for name, m in model.named_modules()}
-
-
-def draws(run: Callable[[], torch.Tensor], n: int = 3) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [run().detach().clone() for _ in range(n)]
-
-
-def all_equal(tensors: list[torch.Tensor]) -> bool:
-    return all(torch.equal(tensors[0], t) for t in tensors[1:])
-
-
-def adapter_names(sites: list[DropoutSite]) -> set[str]:
-    return {s.name for s in sites if s.kind == "adapter"}
-
-
-X16 = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
-IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
-
 
 # --------------------------------------------------------------------------------------------------
 # Every tuner family
@@ -148,14 +70,7 @@ class Case:
     expect: tuple[str, ...]
     # False where peft never applies the configured dropout in forward (so nothing can vary).
     stochastic: bool = True
-
-
-def _lin(m: nn.Module) -> torch.Tensor:
-    return m(X16)  # type: ignore[no-any-return]
-
-
-def _llama(m: nn.Module) -> torch.Tensor:
-    return m(input_ids=IDS).logits  # type: ignore[no-any-return]
+    slow: bool = False  # seconds to build: left to the full run
 
 
 def _shaped(*shape: int) -> Callable[[nn.Module], torch.Tensor]:
@@ -184,10 +99,12 @@ def _mlp(config: Callable[[], peft.PeftConfig]) -> Callable[[Path], nn.Module]:
     return lambda _: peft_net(config())
 
 
-T = ["fc1", "fc2"]
 CASES = [
     Case(
-        "lora-linear", _mlp(lambda: LoraConfig(target_modules=T, lora_dropout=0.5)), _lin, ("lora_dropout",)
+        "lora-linear",
+        _mlp(lambda: LoraConfig(target_modules=T, lora_dropout=0.5)),
+        _lin,
+        ("lora_dropout",),
     ),
     # PEFT creates lora_dropout for Embedding and MultiheadAttention but (peft 0.21) never applies
     # it in forward; the module is still a live site and must be frozen.
@@ -254,7 +171,12 @@ CASES = [
         _lin,
         ("fc1 rank_dropout['default']", "fc2 module_dropout['default']"),
     ),
-    Case("vera", _mlp(lambda: peft.VeraConfig(target_modules=T, vera_dropout=0.5)), _lin, ("vera_dropout",)),
+    Case(
+        "vera",
+        _mlp(lambda: peft.VeraConfig(target_modules=T, vera_dropout=0.5)),
+        _lin,
+        ("vera_dropout",),
+    ),
     # OFT builds a MultiplicativeDropoutLayer for module_dropout, but peft 0.21's forward never calls it.
     Case(
         "oft",
@@ -269,21 +191,36 @@ CASES = [
         _lin,
         ("boft_dropout",),
     ),
-    Case("deft", _mlp(lambda: peft.DeftConfig(target_modules=T, deft_dropout=0.5)), _lin, ("deft_dropout",)),
+    Case(
+        "deft",
+        _mlp(lambda: peft.DeftConfig(target_modules=T, deft_dropout=0.5)),
+        _lin,
+        ("deft_dropout",),
+    ),
     Case(
         "delora",
         _mlp(lambda: peft.DeloraConfig(target_modules=T, module_dropout=0.5)),
         _lin,
         ("delora_dropout",),
     ),
-    Case("frod", _mlp(lambda: peft.FrodConfig(target_modules=T, frod_dropout=0.5)), _lin, ("frod_dropout",)),
+    Case(
+        "frod",
+        _mlp(lambda: peft.FrodConfig(target_modules=T, frod_dropout=0.5)),
+        _lin,
+        ("frod_dropout",),
+    ),
     Case(
         "gralora",
         _mlp(lambda: peft.GraloraConfig(target_modules=T, gralora_dropout=0.5)),
         _lin,
         ("gralora_dropout",),
     ),
-    Case("hira", _mlp(lambda: peft.HiraConfig(target_modules=T, hira_dropout=0.5)), _lin, ("hira_dropout",)),
+    Case(
+        "hira",
+        _mlp(lambda: peft.HiraConfig(target_modules=T, hira_dropout=0.5)),
+        _lin,
+        ("hira_dropout",),
+    ),
     Case(
         "miss",
         _mlp(lambda: peft.MissConfig(target_modules=T, miss_dropout=0.5, r=4, mini_r=4)),
@@ -360,12 +297,20 @@ CASES = [
         _llama,
         ("shadow_dropout",),
     ),
-    Case("xlora", _xlora, _llama, ("internal_xlora_classifier", "lora_dropout.0", "lora_dropout.1")),
+    Case(
+        "xlora",
+        _xlora,
+        _llama,
+        ("internal_xlora_classifier", "lora_dropout.0", "lora_dropout.1"),
+        slow=True,
+    ),
 ]
 
 
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning", "ignore:Sparse invariant:UserWarning")
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else []) for c in CASES]
+)
 def test_every_tuner_dropout_is_off_inside_and_back_after(case: Case, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tuner construction chatter (BOFT's CUDA extension, ...)
@@ -484,19 +429,6 @@ def test_no_parameter_rate_or_requires_grad_changes() -> None:
     assert all(not m._forward_pre_hooks for m in model.modules()), "hooks removed on exit"
 
 
-def test_parameters_are_not_re_registered() -> None:
-    # LoRA's MultiheadAttention re-creates its base nn.Parameters whenever named_modules() runs;
-    # an optimizer holding the old objects would stop training them.
-    model = peft_net(LoraConfig(target_modules=["mha"], lora_dropout=0.5), MhaNet())
-    base = model.base_model.model.mha.base_layer
-    weight = base._parameters["in_proj_weight"]
-    live_dropout(model)
-    with deterministic_lora(model):
-        pass
-    assert_deterministic(model.eval())
-    assert base._parameters["in_proj_weight"] is weight
-
-
 def test_gradients_flow_and_a_training_step_runs_inside() -> None:
     model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -523,10 +455,6 @@ def test_gradients_flow_and_a_training_step_runs_inside() -> None:
 @pytest.fixture
 def lora_net() -> PeftModel:
     return peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
-
-
-def repeatable(model: nn.Module) -> bool:
-    return all_equal(draws(lambda: model(X16)))
 
 
 def adapter_dropout_flags(model: nn.Module) -> dict[str, bool]:
@@ -772,7 +700,6 @@ def _data_parallel(_: Path) -> tuple[nn.Module, nn.Module]:
     return nn.DataParallel(model), model
 
 
-PEFT_NAMES = {f"base_model.model.fc{i}.lora_dropout.default" for i in (1, 2)}
 LLAMA_NAMES = {f"model.layers.{i}.self_attn.{p}_proj.lora_dropout.default" for i in (0, 1) for p in "qv"}
 ARRIVALS = [
     (
@@ -826,25 +753,6 @@ def test_wrapper_own_flag_is_restored_after_train_inside(
         model.train()  # through the wrapper: flips its own flag as well
     assert flags(model) == before
     assert model.training is False
-
-
-def test_names_drop_wrapper_components_anywhere() -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
-    inner = model.get_base_model()
-    inner.fc1 = checkpoint_wrapper(inner.fc1)
-    inner.fc2 = torch.compile(inner.fc2, backend="eager")
-    raw = {n for n, _ in model.named_modules() if n.endswith(".lora_dropout.default")}
-    assert raw == {
-        "base_model.model.fc1._checkpoint_wrapped_module.lora_dropout.default",
-        "base_model.model.fc2._orig_mod.lora_dropout.default",
-    }
-    assert adapter_names(live_dropout(model)) == PEFT_NAMES
-    with deterministic_lora(model) as frozen:
-        assert {s.name for s in frozen} == PEFT_NAMES
-        assert repeatable(model)
-    assert not repeatable(model)
 
 
 def test_torch_compile_recompiles_after_exit_and_survives_train_inside() -> None:
@@ -914,34 +822,6 @@ def test_pvera_without_sampling_at_inference_is_frozen_silently() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_live_dropout_lists_name_kind_and_rate() -> None:
-    model = peft_net(
-        peft.LoHaConfig(target_modules=["fc1"], rank_dropout=0.25, module_dropout=0.5),
-        Net(base_dropout=0.125),
-    )
-    sites = live_dropout(model)
-    assert [(s.name, s.kind, s.p, s.attribute, s.adapter) for s in sites] == [
-        ("base_model.model.fc1", "adapter", 0.25, "rank_dropout['default']", "default"),
-        ("base_model.model.fc1", "adapter", 0.5, "module_dropout['default']", "default"),
-        ("base_model.model.drop", "base", 0.125, "p", None),
-    ]
-    assert live_dropout(model.eval()) == []
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        sites[0].p = 0.0  # type: ignore[misc]
-
-
-def test_live_dropout_of_a_model_loaded_for_inference_is_empty(mlp_adapter: Path) -> None:
-    from conftest import make_mlp
-
-    model = load_for_inference(make_mlp(), mlp_adapter, dropout=None)  # keeps the saved rate 0.1
-    assert live_dropout(model) == []
-    assert_deterministic(model)
-    model.train()
-    assert {(s.name, s.p) for s in live_dropout(model)} == {
-        ("base_model.model.fc1.lora_dropout.default", 0.1)
-    }
-
-
 def test_assert_deterministic_lists_sites_and_says_what_to_do() -> None:
     model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5), Net(base_dropout=0.25))
     with pytest.raises(NondeterministicModelError) as info:
@@ -978,66 +858,3 @@ def test_assert_deterministic_message_is_capped_for_big_models() -> None:
 def test_rejects_what_is_not_a_module() -> None:
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module, found dict"):
         deterministic_lora({})  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------------------------------
-# The walk is cached per model: a changed model must never reuse a stale one
-# --------------------------------------------------------------------------------------------------
-
-
-def test_a_rate_raised_between_blocks_is_frozen() -> None:
-    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
-    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
-    for d in dropouts:
-        d.p = 0.0
-    with deterministic_lora(model):  # caches a walk in which no rate is live
-        pass
-    for d in dropouts:
-        d.p = 0.5
-    assert not repeatable(model)
-    with deterministic_lora(model) as frozen:
-        assert adapter_names(frozen) == PEFT_NAMES
-        assert repeatable(model)
-
-
-def test_an_adapter_added_between_blocks_is_frozen() -> None:
-    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
-    with deterministic_lora(model):
-        pass
-    model.add_adapter("second", LoraConfig(target_modules=T, lora_dropout=0.5))
-    model.base_model.set_adapter(["default", "second"])
-    perturb(model)
-    model.train()
-    assert not repeatable(model)
-    with deterministic_lora(model) as frozen:
-        assert {s.adapter for s in frozen} == {"default", "second"}
-        assert repeatable(model)
-
-
-def test_a_module_swapped_for_another_of_its_class_between_blocks_is_frozen() -> None:
-    # Same class, same number of modules and attributes everywhere: only the identity of the child
-    # under ``lora_dropout["default"]`` changes, and the new one must be frozen, the old one not.
-    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.0))
-    layer = model.base_model.model.fc1
-    old = layer.lora_dropout["default"]
-    with deterministic_lora(model):
-        pass
-    layer.lora_dropout["default"] = nn.Dropout(0.5)
-    model.train()
-    assert not repeatable(model)
-    with deterministic_lora(model) as frozen:
-        assert [s.name for s in frozen] == ["base_model.model.fc1.lora_dropout.default"]
-        assert repeatable(model)
-        assert old.training  # an nn.Identity no longer in the model: not touched
-    assert layer.lora_dropout["default"].training
-
-
-def test_a_rate_attribute_added_between_blocks_is_seen() -> None:
-    model = peft_net(LoraConfig(target_modules=T, lora_dropout=0.5))
-    with deterministic_lora(model, include_base=True):
-        pass
-    model.base_model.model.act.attention_dropout = 0.3  # a module that now gates dropout itself
-    names = {s.name for s in live_dropout(model) if s.kind == "base"}
-    assert names == {"base_model.model.act"}
-    with deterministic_lora(model, include_base=True):
-        assert live_dropout(model) == []
