@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import torch
@@ -39,10 +40,15 @@ from safe_lora._peft import (
     BaseTuner,
     BaseTunerLayer,
     BufferDict,
+    adapters_disabled,
     init_keeps_base,
     intercept_load_state_dict,
+    layer_adapters,
     peft_type_name,
+    rewrites_base,
+    set_adapters_disabled,
     set_layer_active_adapters,
+    switches_layer_by_layer,
 )
 from safe_lora._provenance import record
 from safe_lora._rollback import rollback_on_error, tensor_at
@@ -133,55 +139,252 @@ def set_active_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> 
     activates -- in a frozen inference model that silently makes it trainable. This keeps every
     module's mode and every parameter's ``requires_grad`` exactly as they were.
 
+    There is no ``set_active_adapter(model, None)``: switching every adapter off for good would
+    leave a model that silently computes its base model. Run the base model for a block with
+    ``with use_adapter(model, None):`` instead.
+
     Args:
         model: A ``PeftModel`` (or a ``torch.compile`` of one) holding the adapter(s).
         name_or_names: One adapter name, or several to combine (tuners that support it, e.g. LoRA).
 
     Raises:
         UnknownAdapterError: A name that is not loaded; nothing changes.
+        TypeError: ``None`` (see above), or not a name or a sequence of names.
 
     Example:
         >>> model = load_for_inference(base, {"chat": "out/chat", "sql": "out/sql"})  # doctest: +SKIP
         >>> set_active_adapter(model, "sql")  # still frozen, still in eval  # doctest: +SKIP
     """
     peft_model = _peft_model(model, "set_active_adapter")
+    if name_or_names is None:
+        raise TypeError(
+            "set_active_adapter(model, None) is not supported: switching every adapter off for good leaves a "
+            "model that silently computes its base model — expected an adapter name or a list of names — "
+            "for the base model's outputs in a block, use `with use_adapter(model, None):`."
+        )
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
     if not names:
         raise ValueError("set_active_adapter: expected at least one adapter name, found none.")
+    for name in names:
+        check_type("name_or_names", name, str, "an adapter name (str) or a list of names")
     _check_names(peft_model, names)
     _switch(peft_model, names)
 
 
 @contextmanager
-def use_adapter(model: nn.Module, name: str) -> Iterator[PeftModel]:
-    """Activate one adapter for a block; restore the previous active adapter(s) on exit.
+def _grads_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every ``requires_grad`` a PEFT switch changed in the block.
 
-    Every module's mode and every parameter's ``requires_grad`` are exactly as before, inside the
-    block and after it, also when the block raises.
+    PEFT's ``enable_adapters(True)`` calls ``set_adapter``, which sets ``requires_grad=True`` on the
+    active adapter (a frozen inference model becomes trainable: 0 -> 8 trainable tensors on a tiny
+    Llama), and ``enable_adapters(False)`` freezes every adapter. Each flag is put back to what it
+    was just before the switch, so a flag the caller changed earlier stays as the caller set it.
+    """
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            if param.requires_grad is not flag:
+                param.requires_grad_(flag)
+
+
+class _AdaptersOff:
+    """The switch of one ``use_adapter(model, None)`` block: every adapter off, by PEFT's own means.
+
+    For the tuners PEFT switches layer by layer, each ``BaseTunerLayer`` and auxiliary wrapper that is
+    on is switched off with its own ``enable_adapters(False)`` (and back on with
+    ``enable_adapters(True)``): layers the caller had switched off stay off. Prompt learning, adaption
+    prompt and X-LoRA go through PEFT's ``disable_adapter()`` context manager, which knows their
+    mechanisms. Either way every ``requires_grad`` PEFT touches is put back, and no module's
+    ``training`` flag is touched.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.layer_by_layer = switches_layer_by_layer(model)
+        self.switched: list[Any] = []  # the layers this block turned off
+        self.peft_block: AbstractContextManager[None] | None = None
+        self.was_disabled = False
+        self.is_off = False
+        # The instance attributes of what PEFT's switch touches, before it did (see on()).
+        self.attributes: list[tuple[object, set[str]]] = []
+
+    def off(self) -> None:
+        with _grads_kept(self.model):
+            if self.layer_by_layer:
+                tuner: Any = self.model.base_model
+                self.switched = [
+                    module
+                    for module in tuner.model.modules()
+                    if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+                    and not module.disable_adapters
+                ]
+                self.attributes = [(layer, set(vars(layer))) for layer in self.switched]
+                for layer in self.switched:
+                    layer.enable_adapters(False)
+                self.was_disabled = adapters_disabled(self.model)
+                set_adapters_disabled(self.model, True)
+            else:
+                objects = (self.model, self.model.base_model)
+                self.attributes = [(obj, set(vars(obj))) for obj in objects]
+                block = self.model.disable_adapter()
+                block.__enter__()
+                self.peft_block = block
+        self.is_off = True
+
+    def on(self) -> None:
+        if not self.is_off:
+            return
+        self.is_off = False
+        with _grads_kept(self.model):
+            if self.peft_block is not None:
+                block, self.peft_block = self.peft_block, None
+                block.__exit__(None, None, None)
+            else:
+                for layer in self.switched:
+                    layer.enable_adapters(True)
+                self.switched = []
+                set_adapters_disabled(self.model, self.was_disabled)
+        # PEFT's switch leaves instance attributes that only repeat what the class gives: a layer's
+        # ``_disable_adapters = False`` (a class default), the PeftModel's ``forward`` put back as
+        # its own bound method. Dropped, so that every object has exactly its attributes of before.
+        for obj, before in self.attributes:
+            state = vars(obj)
+            for key in [k for k in state if k not in before]:
+                value = state.pop(key)
+                if getattr(obj, key, _MISSING) != value:
+                    state[key] = value  # not a mere repeat: the switch's own state, kept
+        self.attributes = []
+
+
+_MISSING = object()
+
+
+# The use_adapter(model, None) blocks open on each model, outermost first: a use_adapter(model, name)
+# nested inside them switches them on for its own block, and off again after it.
+_OFF_BLOCKS: weakref.WeakKeyDictionary[PeftModel, list[_AdaptersOff]] = weakref.WeakKeyDictionary()
+
+
+def _has_biases(model: PeftModel) -> bool:
+    return any(module._parameters.get("bias") is not None for _, module in _base_modules(model))
+
+
+def _refuse_switching_off(model: PeftModel) -> None:
+    """Raise unless switching every adapter off gives exactly the base model's outputs; change nothing.
+
+    Raises:
+        AdapterConfigError: An adapter changed the base model itself when it loaded: an init that
+            rewrites the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, KaSA), layer replication,
+            or base biases trained with it (``bias="all"`` / ``"lora_only"``).
+        ValueError: An adapter is merged into the base weights.
+    """
+    changed: dict[str, list[str]] = {}
+    for adapter, config in model.peft_config.items():
+        if rewrites_base(config):
+            init = getattr(config, "init_lora_weights", None)
+            changed.setdefault(adapter, []).append(
+                f"init_lora_weights={init!r}" if isinstance(init, str) else "kasa_config"
+            )
+        replication = getattr(config, "layer_replication", None)
+        if replication:
+            changed.setdefault(adapter, []).append(f"layer_replication={replication!r}")
+        bias = getattr(config, "bias", "none")
+        # bias="all" / "lora_only" load the adapter's biases into the base layers' own bias tensors
+        # (PEFT saves them with the adapter): only a base without biases is left as it was.
+        if isinstance(bias, str) and bias != "none" and _has_biases(model):
+            changed.setdefault(adapter, []).append(f"bias={bias!r}")
+    if changed:
+        described = "; ".join(f"{name!r}: {', '.join(why)}" for name, why in sorted(changed.items()))
+        raise AdapterConfigError(
+            f"use_adapter(model, None) cannot give the base model's outputs: loading changed the base model "
+            f"itself ({described}: the base weights were rewritten, layers replicated, or base biases "
+            f"overwritten) — expected adapters that leave the base model alone — compare against a freshly "
+            f"loaded base model instead.",
+            fields=sorted({why.split("=")[0] for reasons in changed.values() for why in reasons}),
+        )
+    tuner: Any = model.base_model
+    merged = sorted(
+        key
+        for key, module in (tuner.model.named_modules() if isinstance(tuner, BaseTuner) else ())
+        if isinstance(module, BaseTunerLayer) and module.merged
+    )
+    if merged:
+        raise ValueError(
+            f"use_adapter(model, None) cannot switch the adapters off while they are merged into the base "
+            f"weights ({_fmt_keys(merged)}) — PEFT would unmerge them in place at the next forward and the "
+            f"model would not be the same after the block — call model.unmerge_adapter() first."
+        )
+
+
+@contextmanager
+def use_adapter(model: nn.Module, name: str | None) -> Iterator[PeftModel]:
+    """Activate one adapter -- or none -- for a block; restore the previous state on exit.
+
+    ``use_adapter(model, name)`` makes ``name`` the one active adapter. ``use_adapter(model, None)``
+    switches every adapter off, with PEFT's own switches: inside the block the model computes exactly
+    what its base model computes (bit for bit). PEFT's ``disable_adapter()`` does the same but turns
+    ``requires_grad`` **on** for the active adapter when it ends (a frozen inference model becomes
+    trainable); here every module's mode and every parameter's ``requires_grad`` are exactly as before,
+    inside the block and after it, also when the block raises.
+
+    Blocks nest, with each other and with :class:`~safe_lora.deterministic_lora`: a
+    ``use_adapter(model, "b")`` inside a ``use_adapter(model, None)`` computes ``"b"`` (the adapters are
+    back on for its block), and a ``use_adapter(model, None)`` inside ``use_adapter(model, "b")``
+    computes the base model. In a training model a backward pass inside a ``None`` block leaves the
+    adapters' gradients untouched (they took no part), and they stay trainable.
 
     Args:
         model: A ``PeftModel`` (or a ``torch.compile`` of one) holding ``name``.
-        name: The adapter to activate inside the block.
+        name: The adapter to activate inside the block, or ``None`` for the base model.
 
     Yields:
-        The ``PeftModel``, with ``name`` active.
+        The ``PeftModel``, with ``name`` active (or every adapter off).
 
     Raises:
         UnknownAdapterError: The model holds no adapter called ``name``.
+        AdapterConfigError: ``None``, and loading an adapter changed the base model itself (an init
+            that rewrites the base weights such as PiSSA, layer replication, trained base biases):
+            switching adapters off cannot give the base model's outputs (``fields`` names why).
+        ValueError: ``None``, and an adapter is merged into the base weights.
 
     Example:
         >>> model = load_for_inference(base, {"chat": "out/chat", "sql": "out/sql"})  # doctest: +SKIP
         >>> with use_adapter(model, "sql"):  # doctest: +SKIP
         ...     answer = model(**batch)
+        >>> with use_adapter(model, None):  # the base model, e.g. a reference in DPO  # doctest: +SKIP
+        ...     reference = model(**batch).logits
     """
     peft_model = _peft_model(model, "use_adapter")
+    if name is None:
+        _refuse_switching_off(peft_model)
+        block = _AdaptersOff(peft_model)
+        blocks = _OFF_BLOCKS.setdefault(peft_model, [])
+        block.off()
+        blocks.append(block)
+        try:
+            yield peft_model
+        finally:
+            blocks.remove(block)
+            block.on()
+        return
+    check_type("name", name, str, "an adapter name (str) or None")
     _check_names(peft_model, [name])
     previous = list(peft_model.active_adapters)
+    # The None blocks this one is nested in: back on for this block, innermost first, and off again
+    # after it, outermost first (each re-records what it turns off).
+    suspended = [block for block in _OFF_BLOCKS.get(peft_model, ()) if block.is_off]
     try:
+        for block in reversed(suspended):
+            block.on()
         _switch(peft_model, [name])
         yield peft_model
     finally:
-        _switch(peft_model, previous)
+        try:
+            _switch(peft_model, previous)
+        finally:
+            for block in suspended:
+                block.off()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,15 +604,43 @@ class _Holding:
     merged: bool
 
 
+def _base_modules(model: PeftModel) -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified name in the base model, module)`` for the base model's modules and the tuner layers
+    and wrappers around them -- never the adapters' own modules.
+
+    A pruned ``named_modules()``: the per-adapter containers of tuner layers and wrappers (``lora_A``,
+    ``modules_to_save``, ...) are not entered, so the walk costs the same however many adapters the
+    model holds.
+    """
+    stack: list[tuple[str, nn.Module]] = [("", base_of(model))]
+    seen: set[int] = set()
+    while stack:
+        key, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield key, module
+        opens = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        children = [
+            (child_name, child)
+            for child_name, child in module._modules.items()
+            if child is not None and not (opens and isinstance(child, _CONTAINERS))
+        ]
+        stack.extend(
+            (f"{key}.{child_name}" if key else child_name, child) for child_name, child in reversed(children)
+        )
+
+
 def _holding(model: PeftModel, name: str) -> _Holding:
     holding = _Holding([], {}, False)
     owners: list[nn.Module] = [model.base_model]
-    for key, module in base_of(model).named_modules():
+    for key, module in _base_modules(model):
         layer: Any = module  # a tuner layer is an nn.Module *and* a BaseTunerLayer
         if isinstance(layer, BaseTunerLayer):
-            holding.merged = holding.merged or name in layer.merged_adapters
-            holding.layers.append((key, module))
             owners.append(module)
+            if name in layer_adapters(layer):
+                holding.merged = holding.merged or name in layer.merged_adapters
+                holding.layers.append((key, module))
         elif isinstance(module, AuxiliaryTrainingWrapper):
             owners.append(module)
     for owner in owners:

@@ -17,7 +17,7 @@ from typing import Any
 from peft import PeftModel
 from torch import nn
 
-from safe_lora._peft import BaseTunerLayer, peft_type_name
+from safe_lora._peft import BaseTunerLayer, layer_adapters, peft_type_name
 from safe_lora.errors import AdapterMergeError
 
 __all__ = ["check_mergeable", "merge"]
@@ -41,7 +41,7 @@ def check_mergeable(peft_model: PeftModel, adapter_name: str) -> None:
     for name, layer in peft_model.named_modules():
         if not isinstance(layer, BaseTunerLayer) or layer.merged:
             continue
-        if adapter_name not in _adapter_names(layer):
+        if adapter_name not in layer_adapters(layer):
             continue
         trial = copy.deepcopy(layer)
         try:
@@ -58,15 +58,6 @@ def check_mergeable(peft_model: PeftModel, adapter_name: str) -> None:
             ) from exc
         finally:
             del trial
-
-
-def _adapter_names(layer: BaseTunerLayer) -> set[str]:
-    names: set[str] = set()
-    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
-        value: Any = getattr(layer, attr, None)
-        if hasattr(value, "keys"):
-            names.update(value.keys())
-    return names
 
 
 def merge(peft_model: PeftModel, adapter_name: str) -> nn.Module:

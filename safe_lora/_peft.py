@@ -55,6 +55,7 @@ __all__ = [
     "BufferDict",
     "NoOpRule",
     "PatternField",
+    "adapters_disabled",
     "all_linear_targets",
     "cast_adapter_dtype",
     "check_new_adapter_config",
@@ -64,6 +65,7 @@ __all__ = [
     "import_allowed",
     "init_keeps_base",
     "intercept_load_state_dict",
+    "layer_adapters",
     "layer_param_names",
     "loading_context",
     "move_adapter_to_base_device",
@@ -72,8 +74,10 @@ __all__ = [
     "remap_keys",
     "replicate_layers",
     "rewrites_base",
+    "set_adapters_disabled",
     "set_layer_active_adapters",
     "shapes_config",
+    "switches_layer_by_layer",
     "tuner_class",
 ]
 
@@ -98,7 +102,8 @@ def peft_type_name(config: PeftConfig) -> str:
 
 
 def config_class(peft_type: str) -> Any | None:
-    """PEFT's config class for a PEFT type name such as ``"LORA"``, or ``None`` (``PEFT_TYPE_TO_CONFIG_MAPPING``)."""
+    """PEFT's config class for a PEFT type name such as ``"LORA"``, or ``None``
+    (``PEFT_TYPE_TO_CONFIG_MAPPING``)."""
     # Keys are PeftType members, a str enum: equal to their plain names.
     return next((cls for kind, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items() if kind == peft_type), None)
 
@@ -117,6 +122,17 @@ def peft_model_class(config: PeftConfig) -> type[PeftModel]:
     """The ``PeftModel`` class ``PeftModel.from_pretrained`` builds for ``config`` (its task type's)."""
     cls: type[PeftModel] = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
     return cls
+
+
+def layer_adapters(layer: BaseTunerLayer) -> set[str]:
+    """The adapter names a tuner layer holds anything for: the keys of its per-adapter attributes
+    (``adapter_layer_names`` and ``other_param_names``, public class attributes of PEFT's layers)."""
+    names: set[str] = set()
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        value: Any = getattr(layer, attr, None)
+        if hasattr(value, "keys"):
+            names.update(value.keys())
+    return names
 
 
 def layer_param_names(tuner_cls: Any) -> frozenset[str]:
@@ -175,6 +191,40 @@ def move_adapter_to_base_device(model: nn.Module, adapter_name: str) -> None:
 def set_layer_active_adapters(layer: BaseTunerLayer, names: list[str]) -> None:
     """What ``BaseTunerLayer.set_adapter`` sets, without its ``requires_grad`` side effect."""
     layer._active_adapter = list(names)
+
+
+def switches_layer_by_layer(peft_model: PeftModel) -> bool:
+    """Whether PEFT switches ``peft_model``'s adapters off and on one layer at a time.
+
+    PEFT 0.21's ``PeftModel.disable_adapter`` (peft/peft_model.py) calls the tuner's
+    ``disable_adapter_layers`` / ``enable_adapter_layers``, which for ``BaseTuner``
+    (peft/tuners/tuners_utils.py, ``_enable_adapter_layers``) call ``enable_adapters(flag)`` on every
+    ``BaseTunerLayer`` and ``AuxiliaryTrainingWrapper`` -- each layer's own switch (LN tuning,
+    modules_to_save, trainable tokens and UniLoRA override it). Prompt learning swaps the forward
+    instead, adaption prompt swaps attention modules, X-LoRA overrides the tuner's switch: for those
+    only PEFT's ``disable_adapter`` context manager knows what to do.
+    """
+    config = peft_model.peft_config.get(peft_model.active_adapter) if peft_model.peft_config else None
+    if config is not None and (config.is_prompt_learning or config.is_adaption_prompt):
+        return False
+    tuner = type(peft_model.base_model)
+    if not issubclass(tuner, BaseTuner):
+        return False
+    return all(
+        getattr(tuner, method) is getattr(BaseTuner, method)
+        for method in ("disable_adapter_layers", "enable_adapter_layers", "_enable_adapter_layers")
+    )
+
+
+def adapters_disabled(peft_model: PeftModel) -> bool:
+    """``PeftModel._adapters_disabled``: set while PEFT's ``disable_adapter`` block runs; read by
+    ``has_active_enabled_adapter``, which gates the forward hooks of aLoRA and mixed batches."""
+    return bool(getattr(peft_model, "_adapters_disabled", False))
+
+
+def set_adapters_disabled(peft_model: PeftModel, flag: bool) -> None:
+    """Set ``PeftModel._adapters_disabled`` as PEFT's ``disable_adapter`` does (:func:`adapters_disabled`)."""
+    peft_model._adapters_disabled = flag
 
 
 def all_linear_targets(config: PeftConfig, model: nn.Module) -> PeftConfig:
