@@ -396,12 +396,40 @@ def _is_training_model(model: PeftModel) -> bool:
     return not all(getattr(c, "inference_mode", False) for c in model.peft_config.values())
 
 
+def _adapter_kind(model: PeftModel, name: str, *, trainable: bool | None, replace: bool) -> bool:
+    """Whether adapter ``name`` is loaded for training (``True``) or frozen, as for inference.
+
+    Raises:
+        ValueError: ``trainable=True`` on an inference model; with ``replace=True``, a ``trainable``
+            that is not the loaded adapter's kind.
+    """
+    if replace:
+        kind = not getattr(model.peft_config[name], "inference_mode", False)
+        if trainable is not None and trainable is not kind:
+            raise ValueError(
+                f"replace=True keeps adapter {name!r} as it was loaded — expected trainable=None or "
+                f"{kind}, found trainable={trainable} — to change its kind, load the new weights under a "
+                f"new adapter_name."
+            )
+        return kind
+    training = _is_training_model(model)
+    if trainable is True and not training:
+        raise ValueError(
+            f"Cannot add a trainable adapter {name!r} to a model loaded for inference (every module in eval, "
+            f"every parameter frozen): it would train in eval mode, dropout off, beside frozen adapters — "
+            f"expected a model from load_for_training — load the base with load_for_training, or drop "
+            f"trainable=True."
+        )
+    return training if trainable is None else trainable
+
+
 def load_adapter(
     model: nn.Module,
     adapter: AdapterPath,
     *,
     adapter_name: str,
     replace: bool = False,
+    trainable: bool | None = None,
     dropout: float | Literal["auto"] | None = "auto",
     strict: bool = True,
     allow_pickle: bool = False,
@@ -416,7 +444,12 @@ def load_adapter(
     every module's mode, the active adapter(s) and every existing parameter's ``requires_grad``
     stay as they were (PEFT's own ``load_adapter`` switches the whole model to eval). In an
     inference model the new adapter gets zero dropout and no gradients; in a training model it is
-    trainable, like the first one.
+    trainable, like the first one -- unless ``trainable=False``: a frozen *reference* adapter in a
+    training model (DPO, KTO: PEFT's ``load_adapter(..., is_trainable=False)``), loaded as for
+    inference (no gradients, dropout rates 0 unless ``dropout=`` says otherwise) while the adapters
+    being trained, the active adapter and every module's mode stay as they were. Its new modules
+    follow their parent's mode, as every new module does, so a rate passed with ``dropout=`` is live
+    in a training model until :class:`~safe_lora.deterministic_lora` freezes it.
 
     With ``replace=True`` the adapter called ``adapter_name`` gets the new weights **in place**:
     the same tensor objects, dtype and device (so a ``torch.compile``d model serves them without
@@ -431,8 +464,15 @@ def load_adapter(
         adapter_name: The new adapter's name (must not be taken), or with ``replace=True`` the
             loaded adapter to overwrite (must exist).
         replace: Overwrite ``adapter_name``'s weights in place instead of adding an adapter.
-        dropout: ``"auto"`` zeroes dropout in an inference model and keeps the saved rates in a
-            training model; a float or ``None`` as for :func:`load_for_inference`.
+        trainable: ``None`` follows the model: trainable in a training model, frozen in an
+            inference model. ``False`` adds a frozen adapter to a training model. ``True`` asks
+            for a trainable adapter, which only a training model can take: an inference model (every
+            module in eval, every parameter frozen) would become the mixed train/eval tree safe_lora
+            exists to prevent. With ``replace=True`` the adapter keeps its kind (``None``, or the kind
+            it was loaded as).
+        dropout: ``"auto"`` zeroes dropout in an inference model and for a frozen adapter
+            (``trainable=False``), and keeps the saved rates for a trainable one; a float or ``None``
+            as for :func:`load_for_inference`.
         strict: Refuse missing or unexpected adapter keys (``replace=True`` is always strict).
         allow_pickle: Allow ``adapter_model.bin`` when there is no safetensors file.
         expected_sha256: Pin the bytes, as for :func:`~safe_lora.load_for_inference`.
@@ -446,6 +486,8 @@ def load_adapter(
     Raises:
         AdapterExistsError: ``adapter_name`` is already taken (and ``replace`` is false).
         UnknownAdapterError: ``replace=True`` and no adapter is called ``adapter_name``.
+        ValueError: ``trainable=True`` on an inference model, or with ``replace=True`` a
+            ``trainable`` other than the adapter's kind.
         AdapterConfigError: ``replace=True`` and the new config does not match the loaded adapter's.
         AdapterNotFoundError, AdapterWeightsError, UnsafeAdapterError: As for
             :func:`load_for_inference`; the model is left exactly as it was.
@@ -454,10 +496,14 @@ def load_adapter(
         >>> model = load_for_inference(base, {"chat": "out/chat"})  # doctest: +SKIP
         >>> load_adapter(model, "out/sql", adapter_name="sql")  # doctest: +SKIP
         >>> load_adapter(model, "out/sql-step-2000", adapter_name="sql", replace=True)  # doctest: +SKIP
+        >>> policy = load_for_training(base, "out/sft")  # doctest: +SKIP
+        >>> load_adapter(policy, "out/sft", adapter_name="ref", trainable=False)  # DPO  # doctest: +SKIP
     """
     peft_model = _peft_model(model, "load_adapter")
     check_type("adapter_name", adapter_name, str, "a str")
     check_type("replace", replace, bool, "True or False")
+    if trainable is not None:
+        check_type("trainable", trainable, bool, "True, False or None")
     check_type("strict", strict, bool, "True or False")
     if dropout != "auto":
         check_dropout(dropout)
@@ -476,7 +522,7 @@ def load_adapter(
             name=adapter_name,
             available=peft_model.peft_config,
         )
-    training = _is_training_model(peft_model)
+    training = _adapter_kind(peft_model, adapter_name, trainable=trainable, replace=replace)
     if dropout == "auto":
         dropout = None if training else 0.0
     options = _split_kwargs(peft_kwargs)
@@ -490,7 +536,7 @@ def load_adapter(
         options=options,
         expected_sha256=expected_sha256,
         signed_by=signed_by,
-        instead="load_adapter on an inference model",
+        instead="load_adapter(..., trainable=False)",
     )
     if replace:
         _replace(peft_model, plan, training=training)
@@ -510,7 +556,7 @@ def load_adapter(
         ):
             _switch(peft_model, active)
         # Everything that existed keeps its own mode and requires_grad; what is new follows its
-        # parent's mode and the model's kind (trainable only in a training model).
+        # parent's mode and the adapter's kind (trainable only when loaded for training).
         snapshot.restore_modes()
         for parent, child in snapshot.new_subtrees():
             if any(m.training is not parent.training for m in child.modules()):
