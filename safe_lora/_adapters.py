@@ -7,56 +7,42 @@ asked: every module's mode and every parameter's ``requires_grad`` stay exactly 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
-import torch
-from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+from peft import PeftModel
 from torch import nn
 
-from safe_lora._checks import emit, raise_first
-from safe_lora._config import dropout_rates
-from safe_lora._fit import expected_state, fit_findings
+from safe_lora._checks import emit
 from safe_lora._loading import (
     AdapterPath,
     Sha256,
-    _Plan,
     _split_kwargs,
     attach_plan,
     check_dropout,
     check_type,
     plan_adapter,
 )
-from safe_lora._meta import MetaTwins
-from safe_lora._patterns import pattern_key, resolve_patterns
 from safe_lora._peft import (
-    WRAPPED_CHILDREN,
     AuxiliaryTrainingWrapper,
     BaseTuner,
     BaseTunerLayer,
-    BufferDict,
     adapters_disabled,
-    init_keeps_base,
-    intercept_load_state_dict,
-    layer_adapters,
-    peft_type_name,
+    base_modules,
     rewrites_base,
     set_adapters_disabled,
     set_layer_active_adapters,
     switches_layer_by_layer,
 )
 from safe_lora._provenance import record
-from safe_lora._rollback import rollback_on_error, tensor_at
-from safe_lora._unwrap import base_of, unwrap
+from safe_lora._replace import replace as replace_in_place
+from safe_lora._rollback import rollback_on_error
+from safe_lora._unwrap import unwrap
 from safe_lora.errors import (
     AdapterConfigError,
     AdapterExistsError,
-    AdapterWeightsError,
     UnknownAdapterError,
     _fmt_keys,
 )
@@ -267,7 +253,7 @@ _OFF_BLOCKS: weakref.WeakKeyDictionary[PeftModel, list[_AdaptersOff]] = weakref.
 
 
 def _has_biases(model: PeftModel) -> bool:
-    return any(module._parameters.get("bias") is not None for _, module in _base_modules(model))
+    return any(module._parameters.get("bias") is not None for _, module in base_modules(model))
 
 
 def _refuse_switching_off(model: PeftModel) -> None:
@@ -454,9 +440,15 @@ def load_adapter(
     With ``replace=True`` the adapter called ``adapter_name`` gets the new weights **in place**:
     the same tensor objects, dtype and device (so a ``torch.compile``d model serves them without
     recompiling), after the new file was checked in full against the loaded adapter -- same tuner,
-    targets, ranks and variant; keys and shapes exact; values finite. A different alpha updates the
-    scalings (a compiled model then re-specialises once). Any refusal leaves the old weights,
-    modes and ``requires_grad`` exactly as they were.
+    targets, ranks and variant (the differing config fields are named, whatever the keys say); keys
+    and shapes exact; values finite. A different alpha updates the scalings (a compiled model then
+    re-specialises once). On a model prepared with PEFT's
+    ``peft.utils.hotswap.prepare_model_for_compiled_hotswap(model, target_rank=R)`` (its LoRA
+    tensors zero-padded to rank ``R``, its scalings 0-dim tensors) the new adapter may have any
+    rank up to ``R`` and any alpha: its weights are zero-padded exactly as PEFT's ``hotswap_adapter``
+    pads them and its scalings written into the same scaling tensors, so a compiled model does not
+    recompile -- bit for bit what ``hotswap_adapter`` computes on an identically prepared model. Any
+    refusal leaves the old weights, scalings, modes and ``requires_grad`` exactly as they were.
 
     Args:
         model: A ``PeftModel`` (or a ``torch.compile`` of one) holding at least one adapter.
@@ -488,9 +480,14 @@ def load_adapter(
         UnknownAdapterError: ``replace=True`` and no adapter is called ``adapter_name``.
         ValueError: ``trainable=True`` on an inference model, or with ``replace=True`` a
             ``trainable`` other than the adapter's kind.
-        AdapterConfigError: ``replace=True`` and the new config does not match the loaded adapter's.
+        AdapterConfigError: ``replace=True`` and the new config does not match the loaded adapter's
+            (``fields`` names the fields: ``"target_modules"``, ``"r"``, ``"use_dora"``, ...); another
+            rank on a model not prepared for hot-swapping says how to prepare it.
         AdapterNotFoundError, AdapterWeightsError, UnsafeAdapterError: As for
-            :func:`load_for_inference`; the model is left exactly as it was.
+            :func:`load_for_inference`; the model is left exactly as it was. With ``replace=True``
+            an ``AdapterWeightsError`` lists the file's keys that do not fit the loaded adapter:
+            ``missing_keys``, ``unexpected_keys``, ``mismatched_keys`` (``{key: (shape in the
+            file, shape loaded)}``), ``wrong_dtypes``.
 
     Example:
         >>> model = load_for_inference(base, {"chat": "out/chat"})  # doctest: +SKIP
@@ -539,7 +536,7 @@ def load_adapter(
         instead="load_adapter(..., trainable=False)",
     )
     if replace:
-        _replace(peft_model, plan, training=training)
+        replace_in_place(peft_model, plan)
         record(peft_model, adapter_name, plan.adapter)
         return peft_model
 
@@ -567,308 +564,3 @@ def load_adapter(
     record(peft_model, adapter_name, plan.adapter)
     emit(findings)
     return peft_model
-
-
-# Config fields a replacement may change: bookkeeping, the dropout rates (they follow the model's
-# mode) and, for LoRA, alpha (the scalings are updated). Targets and modules_to_save are compared
-# through the keys and shapes of the file instead (PEFT rewrites them in the loaded config).
-_FREE_FIELDS = frozenset(
-    {
-        "inference_mode",
-        "base_model_name_or_path",
-        "revision",
-        "peft_version",
-        "runtime_config",
-        "auto_mapping",
-        "target_modules",
-        "exclude_modules",
-        "modules_to_save",
-        "layers_to_transform",
-        "layers_pattern",
-    }
-)
-_ALPHA_FIELDS = frozenset({"lora_alpha", "alpha_pattern"})
-
-
-def _comparable(value: Any) -> Any:
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return value
-
-
-def _config_changes(old: PeftConfig, new: PeftConfig, *, lora: bool) -> list[str]:
-    """The fields that differ in a way a replacement in place cannot honour, sorted."""
-    rates = set(dropout_rates(old)) | set(dropout_rates(new))
-    free = _FREE_FIELDS | rates | (_ALPHA_FIELDS if lora else frozenset())
-    changed = []
-    for f in dataclasses.fields(old):
-        if f.name in free:
-            continue
-        a, b = _comparable(getattr(old, f.name, None)), _comparable(getattr(new, f.name, None))
-        if f.name == "init_lora_weights" and init_keeps_base(a) and init_keeps_base(b):
-            continue  # the init is overwritten by the loaded values, unless it rewrote the base
-        if a != b:
-            changed.append(f"{f.name}: loaded {a!r}, new {b!r}")
-    return sorted(changed)
-
-
-@dataclasses.dataclass
-class _Rate:
-    """One dropout rate to set on one layer: ``holder[adapter] = rate`` in some form."""
-
-    layer: nn.Module
-    attribute: str
-    adapter: str
-    rate: float
-
-    def apply(self) -> None:
-        holder = getattr(self.layer, self.attribute)
-        current = holder[self.adapter]
-        if isinstance(holder, nn.ModuleDict):
-            if isinstance(current, nn.Dropout):
-                current.p = self.rate
-            elif self.rate > 0:
-                fresh = nn.Dropout(p=self.rate)
-                fresh.train(current.training)
-                holder[self.adapter] = fresh
-        else:
-            holder[self.adapter] = self.rate
-
-
-# The children of a tuner layer, tuner or wrapper that are not the adapter's: the wrapped layer.
-_CONTAINERS = (nn.ModuleDict, nn.ParameterDict, BufferDict)
-
-
-@dataclasses.dataclass
-class _Holding:
-    """Where adapter ``name`` lives in a model, found in one walk of it."""
-
-    layers: list[tuple[str, nn.Module]]  # qualified name in the base model, tuner layer
-    tensors: dict[int, torch.Tensor]  # every parameter and buffer of the adapter, by identity
-    merged: bool
-
-
-def _base_modules(model: PeftModel) -> Iterator[tuple[str, nn.Module]]:
-    """``(qualified name in the base model, module)`` for the base model's modules and the tuner layers
-    and wrappers around them -- never the adapters' own modules.
-
-    A pruned ``named_modules()``: the per-adapter containers of tuner layers and wrappers (``lora_A``,
-    ``modules_to_save``, ...) are not entered, so the walk costs the same however many adapters the
-    model holds.
-    """
-    stack: list[tuple[str, nn.Module]] = [("", base_of(model))]
-    seen: set[int] = set()
-    while stack:
-        key, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield key, module
-        opens = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
-        children = [
-            (child_name, child)
-            for child_name, child in module._modules.items()
-            if child is not None and not (opens and isinstance(child, _CONTAINERS))
-        ]
-        stack.extend(
-            (f"{key}.{child_name}" if key else child_name, child) for child_name, child in reversed(children)
-        )
-
-
-def _holding(model: PeftModel, name: str) -> _Holding:
-    holding = _Holding([], {}, False)
-    owners: list[nn.Module] = [model.base_model]
-    for key, module in _base_modules(model):
-        layer: Any = module  # a tuner layer is an nn.Module *and* a BaseTunerLayer
-        if isinstance(layer, BaseTunerLayer):
-            owners.append(module)
-            if name in layer_adapters(layer):
-                holding.merged = holding.merged or name in layer.merged_adapters
-                holding.layers.append((key, module))
-        elif isinstance(module, AuxiliaryTrainingWrapper):
-            owners.append(module)
-    for owner in owners:
-        for child_name, child in owner._modules.items():
-            if child_name in WRAPPED_CHILDREN or not isinstance(child, _CONTAINERS) or name not in child:
-                continue
-            entry = child[name]
-            found = [entry] if isinstance(entry, torch.Tensor) else [*entry.parameters(), *entry.buffers()]
-            holding.tensors.update((id(t), t) for t in found)
-    return holding
-
-
-def _rate_updates(holding: _Holding, name: str, old: PeftConfig, new: PeftConfig) -> list[_Rate]:
-    """Where each changed dropout rate lives in the layers; refuses a rate with no home."""
-    before, after = dropout_rates(old), dropout_rates(new)
-    changed = {k: v for k, v in after.items() if before.get(k) != v}
-    updates: list[_Rate] = []
-    homeless = set(changed)
-    for _, layer in holding.layers:
-        for attribute, rate in changed.items():
-            holder = getattr(layer, attribute, None)
-            if isinstance(holder, (nn.ModuleDict, dict)) and name in holder:
-                updates.append(_Rate(layer, attribute, name, rate))
-                homeless.discard(attribute)
-    if homeless:
-        raise AdapterConfigError(
-            f"Cannot replace adapter {name!r} in place: its dropout rate(s) {sorted(homeless)} change "
-            f"({', '.join(f'{k}: {before.get(k)} -> {changed[k]}' for k in sorted(homeless))}) and the "
-            f"layers keep no per-adapter rate to update — expected the same rates — load the new "
-            f"weights under a new adapter_name instead.",
-        )
-    return updates
-
-
-def _lora_scalings(holding: _Holding, name: str, config: PeftConfig) -> list[tuple[nn.Module, float, float]]:
-    """``(layer, alpha, scaling)`` for each LoRA layer of ``name`` under ``config`` (PEFT's formula)."""
-    r_default: int = getattr(config, "r", 8)
-    alpha_default: float = getattr(config, "lora_alpha", 8)
-    rank_pattern: dict[str, int] = dict(getattr(config, "rank_pattern", None) or {})
-    alpha_pattern: dict[str, float] = dict(getattr(config, "alpha_pattern", None) or {})
-    found: list[tuple[nn.Module, float, float]] = []
-    # The patterns decided once over the layers' names, with a time bound (PEFT's get_pattern_key
-    # would match them with none).
-    resolved = resolve_patterns(config, [key for key, _ in holding.layers])
-    rank_pattern = dict(getattr(resolved, "rank_pattern", None) or {})
-    alpha_pattern = dict(getattr(resolved, "alpha_pattern", None) or {})
-    for key, layer in holding.layers:
-        scaling = getattr(layer, "scaling", None)
-        if not isinstance(layer, nn.Module) or not isinstance(scaling, dict) or name not in scaling:
-            continue
-        rank = rank_pattern.get(pattern_key(rank_pattern, key), r_default)
-        alpha = alpha_pattern.get(pattern_key(alpha_pattern, key), alpha_default)
-        scale = alpha / math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha / rank
-        found.append((layer, alpha, scale))
-    return found
-
-
-class _Remapped(Exception):
-    """Carries the state dict PEFT was about to load, so that nothing is loaded."""
-
-    def __init__(self, state_dict: dict[str, Any]) -> None:
-        super().__init__("remapped")
-        self.state_dict = state_dict
-
-
-def _peft_mapping(model: PeftModel, tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
-    """The file's keys as PEFT maps them onto the model for ``name`` -- PEFT's own mapping (tuner
-    renames, modules_to_save, transformers conversions), run up to the point where it would load."""
-
-    def capture(state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        raise _Remapped(dict(state_dict))
-
-    try:
-        with intercept_load_state_dict(model, capture):
-            set_peft_model_state_dict(model, tensors, adapter_name=name)
-    except _Remapped as done:
-        return done.state_dict
-    raise AssertionError("PEFT's set_peft_model_state_dict did not call load_state_dict")  # pragma: no cover
-
-
-def _replace(model: PeftModel, plan: _Plan, *, training: bool) -> None:
-    """Swap ``plan``'s weights into the loaded adapter of the same name, in place, or refuse.
-
-    Everything is checked before the first write; the write itself is a ``copy_`` into each
-    existing tensor (what ``load_state_dict`` does), and the old values are kept until the whole
-    swap is done, so even a ``KeyboardInterrupt`` half way puts them back.
-    """
-    name = plan.name
-    old = model.peft_config[name]
-    new = copy.deepcopy(plan.config)
-    new.inference_mode = old.inference_mode
-    where = plan.adapter.source.label
-    assert plan.adapter.weights is not None
-    tensors = plan.adapter.weights.tensors
-    weights_path = plan.adapter.weights_path
-
-    def refuse(reason: str) -> AdapterConfigError:
-        return AdapterConfigError(
-            f"Cannot replace adapter {name!r} in place with the one in {where}: {reason} — load it "
-            f"under a new adapter_name instead.",
-            path=plan.adapter.source.where("adapter_config.json"),
-        )
-
-    if peft_type_name(old) != peft_type_name(new):
-        raise refuse(f"expected a {peft_type_name(old)} adapter, found {peft_type_name(new)}")
-    if new.is_prompt_learning:
-        raise refuse("prompt-learning adapters are not swapped in place")
-    lora = getattr(model.base_model, "prefix", "") == "lora_"
-    changed = _config_changes(old, new, lora=lora)
-    if changed:
-        expected = "expected the same tuner, targets, ranks and variant"
-        raise refuse(f"the configs differ in {'; '.join(changed)} ({expected})")
-    holding = _holding(model, name)
-    if holding.merged:
-        raise refuse("it is merged into the base weights (call model.unmerge_adapter() first)")
-    rates = _rate_updates(holding, name, old, new)
-    scalings = _lora_scalings(holding, name, new) if lora else []
-
-    # Where each file key goes, by PEFT's own mapping; every key must land in a tensor of this
-    # adapter with its shape, and every tensor of the adapter must get one.
-    targets: list[tuple[torch.Tensor, torch.Tensor]] = []
-    misfit: list[str] = []
-    file_key = {id(v): k for k, v in tensors.items()}
-    for key, value in _peft_mapping(model, tensors, name).items():
-        tensor, _, _ = tensor_at(model, key)
-        if (
-            tensor is None
-            or id(tensor) not in holding.tensors
-            or not isinstance(value, torch.Tensor)
-            or tuple(value.shape) != tuple(tensor.shape)
-            or value.is_floating_point() != tensor.is_floating_point()
-        ):
-            misfit.append(file_key.get(id(value), key))
-            continue
-        targets.append((tensor, value))
-    unfilled = set(holding.tensors) - {id(t) for t, _ in targets}
-    if misfit or unfilled:
-        # The exact comparison names missing, unexpected and mis-shaped keys as the file does; the
-        # loaded adapter's state is read with meta twins standing in, so no real state_dict() runs.
-        twins = MetaTwins(model)
-        try:
-            expected = expected_state(model, name, file_keys=set(plan.adapter.header))
-        finally:
-            twins.restore(model)
-        raise_first(fit_findings(plan.adapter.header, expected, where=weights_path, strict=True))
-        if misfit:
-            raise AdapterWeightsError(
-                f"Cannot replace adapter {name!r} in place from {weights_path!r}: "
-                f"{_fmt_keys(misfit)} do not fit the loaded adapter's tensors — expected the same "
-                f"keys, shapes and dtypes — load it under a new adapter_name instead.",
-                path=weights_path,
-                unexpected_keys=misfit,
-            )
-
-    old_values = [(tensor, tensor.detach().clone()) for tensor, _ in targets]
-    old_scalings = [(m, dict(getattr(m, "scaling", {}))) for m, _, _ in scalings]
-    old_alpha = [(m, dict(getattr(m, "lora_alpha", {}))) for m, _, _ in scalings]
-    try:
-        with torch.no_grad():
-            for tensor, value in targets:
-                tensor.copy_(value)  # what load_state_dict does: the same tensor, its dtype kept
-        for module, alpha, scaling in scalings:
-            scaling_dict: Any = module.scaling
-            scaling_dict[name] = scaling
-            alphas: Any = getattr(module, "lora_alpha", None)
-            if isinstance(alphas, dict):
-                alphas[name] = alpha
-    except BaseException:
-        with torch.no_grad():
-            for tensor, value in old_values:
-                tensor.copy_(value)
-        for module, saved in old_scalings:
-            scaling_dict = module.scaling
-            scaling_dict.clear()
-            scaling_dict.update(saved)
-        for module, saved in old_alpha:
-            alphas = getattr(module, "lora_alpha", None)
-            if isinstance(alphas, dict):
-                alphas.clear()
-                alphas.update(saved)
-        raise
-    for update in rates:
-        update.apply()
-    # The same parameters: an optimizer holding them goes on training the new values.
-    model.peft_config[name] = new

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +31,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from safe_lora._peft import AuxiliaryTrainingWrapper, BaseTunerLayer, layer_adapters, peft_type_name
+from safe_lora._peft import BaseTunerLayer, base_modules, layer_adapters, peft_type_name
 from safe_lora._rollback import holds_quantized
-from safe_lora._unwrap import base_of
 from safe_lora.errors import AdapterMergeError
 
 __all__ = ["check_mergeable", "merge"]
@@ -82,33 +80,6 @@ def check_mergeable(peft_model: PeftModel, adapter_name: str) -> None:
 # Weights shared between modules
 # --------------------------------------------------------------------------------------------------
 
-# The children of a tuner layer / auxiliary wrapper that ``merge_and_unload`` puts in its place:
-# their tensors are named as the wrapper's in the merged model (``lm_head.base_layer.weight`` is
-# ``lm_head.weight`` there).
-_IN_PLACE_OF_WRAPPER = frozenset({"base_layer", "original_module"})
-_ADAPTER_CONTAINERS = (nn.ModuleDict, nn.ParameterDict)
-
-
-def _plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name in the merged model, module)`` for the base model's own modules, wrapped ones under
-    their wrapper's name; the adapters' own modules are left out."""
-    stack: list[tuple[str, nn.Module]] = [("", base_of(model))]
-    seen: set[int] = set()
-    while stack:
-        key, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield key, module
-        opens = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
-        for child_name, child in module._modules.items():
-            if child is None or (opens and isinstance(child, _ADAPTER_CONTAINERS)):
-                continue
-            if opens and child_name in _IN_PLACE_OF_WRAPPER:
-                stack.append((key, child))
-            else:
-                stack.append((f"{key}.{child_name}" if key else child_name, child))
-
 
 def _storage(tensor: torch.Tensor) -> int:
     """What two tensors sharing memory have in common: the address of their storage."""
@@ -145,7 +116,7 @@ def _ties(peft_model: PeftModel, adapter_name: str) -> list[_Tie]:
         if isinstance(layer, BaseTunerLayer) and adapter_name in layer_adapters(layer):
             targets[id(layer.get_base_layer())] = name
     by_storage: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    for key, module in _plain_modules(peft_model):
+    for key, module in base_modules(peft_model):
         for param_name, tensor in module._parameters.items():
             if tensor is None or tensor.device.type == "meta" or tensor.numel() == 0:
                 continue
@@ -236,7 +207,7 @@ def _plan_untying(peft_model: PeftModel, adapter_name: str) -> _Untying:
                     "embeddings: tie_word_embeddings=False), or serve the adapter unmerged (merge=False)",
                 )
             untied[f"{key}.{param_name}" if key else param_name] = tie
-    for name, module in _plain_modules(peft_model):
+    for name, module in base_modules(peft_model):
         pairs = _tied_pairs(module, untie=False)
         if not pairs:
             continue

@@ -36,6 +36,8 @@ from peft.utils.constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SH
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from safe_lora._unwrap import base_of
+
 __all__ = [
     "EMBEDDING_LAYER_NAMES",
     "INCLUDE_LINEAR_LAYERS_SHORTHAND",
@@ -43,6 +45,7 @@ __all__ = [
     "INTEGER_SLOTS",
     "NOOP_RULES",
     "PATTERN_FIELDS",
+    "PREPARE_HOTSWAP",
     "SAVED_PREFIX",
     "STRUCTURAL_RATES",
     "TASK_CLASSES",
@@ -57,11 +60,13 @@ __all__ = [
     "PatternField",
     "adapters_disabled",
     "all_linear_targets",
+    "base_modules",
     "cast_adapter_dtype",
     "check_new_adapter_config",
     "check_target_module_exists",
     "complete_deferred",
     "config_class",
+    "hotswap_write",
     "import_allowed",
     "init_keeps_base",
     "intercept_load_state_dict",
@@ -79,6 +84,7 @@ __all__ = [
     "shapes_config",
     "switches_layer_by_layer",
     "tuner_class",
+    "tuner_layer_class",
 ]
 
 # The PEFT releases safe_lora is tested with; pyproject.toml declares the same range.
@@ -225,6 +231,84 @@ def adapters_disabled(peft_model: PeftModel) -> bool:
 def set_adapters_disabled(peft_model: PeftModel, flag: bool) -> None:
     """Set ``PeftModel._adapters_disabled`` as PEFT's ``disable_adapter`` does (:func:`adapters_disabled`)."""
     peft_model._adapters_disabled = flag
+
+
+def tuner_layer_class(peft_model: PeftModel) -> type | None:
+    """The tuner's own layer class (``BaseTuner.tuner_layer_cls``, e.g. ``LoraLayer``), or ``None``:
+    the layers of its adapters, as opposed to auxiliary layers such as trainable tokens."""
+    cls = getattr(type(peft_model.base_model), "tuner_layer_cls", None)
+    return cls if isinstance(cls, type) else None
+
+
+# The children of a tuner layer / auxiliary wrapper that stand for the module it wraps: PEFT's
+# ``merge_and_unload`` puts them in the wrapper's place, and the names PEFT matched at injection are
+# the wrapper's (``lm_head.base_layer`` was ``lm_head``).
+_STANDS_FOR_WRAPPER = frozenset({"base_layer", "original_module"})
+_PER_ADAPTER = (nn.ModuleDict, nn.ParameterDict, BufferDict)
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for the base model's own modules and the tuner layers and wrappers around
+    them, named as in the base model before PEFT wrapped it; never the adapters' own modules.
+
+    A wrapped module is named as its wrapper (both are yielded under one name). The per-adapter
+    containers of tuner layers and wrappers (``lora_A``, ``modules_to_save``, ...) are not entered,
+    so the walk costs the same however many adapters the model holds.
+    """
+    stack: list[tuple[str, nn.Module]] = [("", base_of(model))]
+    seen: set[int] = set()
+    while stack:
+        key, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield key, module
+        wraps = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        children = []
+        for child_name, child in module._modules.items():
+            if child is None or (wraps and isinstance(child, _PER_ADAPTER)):
+                continue
+            if wraps and child_name in _STANDS_FOR_WRAPPER:
+                children.append((key, child))
+            else:
+                children.append((f"{key}.{child_name}" if key else child_name, child))
+        stack.extend(reversed(children))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hot-swapping (peft/utils/hotswap.py)
+# --------------------------------------------------------------------------------------------------
+
+# The helper PEFT 0.21 names in its messages for swapping adapters of other ranks and alphas into a
+# compiled model: it pads every LoRA Linear / Conv2d ``lora_A`` / ``lora_B`` to ``target_rank`` with
+# zeros and turns every ``scaling`` value into a 0-dim tensor (``_pad_lora_weights``,
+# ``_convert_scalings_to_tensor``), so that later swaps write into the same tensors.
+PREPARE_HOTSWAP = "peft.utils.hotswap.prepare_model_for_compiled_hotswap"
+
+
+def hotswap_write(destination: torch.Tensor, value: torch.Tensor, *, conv_groups: int = 1) -> None:
+    """Write ``value`` into ``destination`` as PEFT's ``hotswap_adapter_from_state_dict`` does.
+
+    PEFT 0.21 (peft/utils/hotswap.py): equal shapes are a plain ``copy_``; a smaller ``value`` (a
+    lower rank in a tensor padded by ``prepare_model_for_compiled_hotswap``) is written into a zeroed
+    destination, at the start of dimension 0 if that one is smaller, else of dimension 1 -- for the
+    ``lora_A`` of a grouped convolution, one rank block per group
+    (``_copy_grouped_conv2d_lora_a_weights``). ``value`` must already have ``destination``'s dtype and
+    device, and fit it (the caller checked); nothing is allocated.
+    """
+    from peft.utils.hotswap import _copy_grouped_conv2d_lora_a_weights
+
+    if destination.shape == value.shape:
+        destination.copy_(value)
+    elif destination.shape[0] > value.shape[0]:
+        destination.fill_(0)
+        if conv_groups > 1:
+            _copy_grouped_conv2d_lora_a_weights(destination, value, conv_groups)
+        else:
+            destination[: value.shape[0]].copy_(value)
+    else:
+        destination.fill_(0)
+        destination[:, : value.shape[1]].copy_(value)
 
 
 def all_linear_targets(config: PeftConfig, model: nn.Module) -> PeftConfig:
