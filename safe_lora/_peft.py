@@ -84,7 +84,6 @@ __all__ = [
     "shapes_config",
     "switches_layer_by_layer",
     "tuner_class",
-    "tuner_layer_class",
 ]
 
 # The PEFT releases safe_lora is tested with; pyproject.toml declares the same range.
@@ -231,13 +230,6 @@ def adapters_disabled(peft_model: PeftModel) -> bool:
 def set_adapters_disabled(peft_model: PeftModel, flag: bool) -> None:
     """Set ``PeftModel._adapters_disabled`` as PEFT's ``disable_adapter`` does (:func:`adapters_disabled`)."""
     peft_model._adapters_disabled = flag
-
-
-def tuner_layer_class(peft_model: PeftModel) -> type | None:
-    """The tuner's own layer class (``BaseTuner.tuner_layer_cls``, e.g. ``LoraLayer``), or ``None``:
-    the layers of its adapters, as opposed to auxiliary layers such as trainable tokens."""
-    cls = getattr(type(peft_model.base_model), "tuner_layer_cls", None)
-    return cls if isinstance(cls, type) else None
 
 
 # The children of a tuner layer / auxiliary wrapper that stand for the module it wraps: PEFT's

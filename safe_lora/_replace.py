@@ -3,7 +3,8 @@ refusal that changes nothing.
 
 The order is PEFT's ``hotswap_adapter`` made transactional: every check first -- the tuner, the
 config (targets, ranks and variant named as such, whatever the keys say), PEFT's own mapping of the
-file's keys onto the adapter's tensors, their shapes -- then the writes, which cannot fail half way.
+file's keys onto the adapter's tensors, their shapes -- then the writes, undone exactly if anything
+interrupts them half way.
 
 On a model prepared with PEFT's ``prepare_model_for_compiled_hotswap(model, target_rank=R)`` the
 LoRA tensors are zero-padded to rank ``R`` and every ``scaling`` is a 0-dim tensor: an adapter of any
@@ -393,11 +394,14 @@ class _Fit:
     unexpected: list[str] = dataclasses.field(default_factory=list)
     mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=dict)
     wrong_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Tensors of the adapter no key fills, and of those the keys save_pretrained writes: a tensor PEFT
+    # does not save (AdaLoRA's ranknum, set from r) keeps its value, as a fresh load leaves it at its.
     unfilled: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.unexpected or self.mismatched or self.wrong_dtypes or self.unfilled)
+        return not (self.unexpected or self.mismatched or self.wrong_dtypes or self.missing)
 
 
 def _paddable(slot: _Slot, value: torch.Tensor, name: str) -> bool:
@@ -422,7 +426,13 @@ def _conv_groups(slot: _Slot) -> int:
     return int(base.groups) if isinstance(base, nn.Conv2d) else 1
 
 
-def _fit(model: PeftModel, holding: _Holding, mapped: dict[str, tuple[str, Any]], name: str) -> _Fit:
+def _fit(
+    model: PeftModel,
+    holding: _Holding,
+    mapped: dict[str, tuple[str, Any]],
+    name: str,
+    header: Mapping[str, Any],
+) -> _Fit:
     fit = _Fit()
     filled: set[int] = set()
     for model_key, (file_key, value) in mapped.items():
@@ -440,6 +450,8 @@ def _fit(model: PeftModel, holding: _Holding, mapped: dict[str, tuple[str, Any]]
         fit.writes.append(_Write(slot.tensor, value, _conv_groups(slot)))
         filled.add(id(slot.tensor))
     fit.unfilled = [slot.tensor for key, slot in holding.slots.items() if key not in filled]
+    if fit.unfilled:
+        fit.missing = _missing_keys(model, name, header)
     return fit
 
 
@@ -556,7 +568,9 @@ def replace(model: PeftModel, plan: _Plan) -> None:
         raise refuse("it is merged into the base weights (call model.unmerge_adapter() first)")
 
     # The configs: every difference a swap in place cannot honour, named, before any key is looked at.
-    lora = getattr(model.base_model, "prefix", "") == "lora_"
+    # LoRA's own layers only: AdaLoRA shares the "lora_" prefix, not the scaling formula
+    # (peft/tuners/adalora/layer.py: scaling = lora_alpha, or r when alpha is 0).
+    lora = peft_type_name(old) == "LORA"
     layers = _lora_layers(holding, name, new) if lora else []
     changes: list[tuple[str, str]] = []
     target_change = _target_change(model, old, new)
@@ -584,15 +598,15 @@ def replace(model: PeftModel, plan: _Plan) -> None:
     # The keys: where each file key goes, by PEFT's own mapping; every key must land in a tensor of
     # this adapter and fit it, and every tensor of the adapter must get one.
     mapped, renames, kept = _mapping(model, tensors, name, fresh=False)
-    fit = _fit(model, holding, mapped, name)
+    header = plan.adapter.header
+    fit = _fit(model, holding, mapped, name, header)
     if not fit.ok and kept:
         mapped, renames, _ = _mapping(model, tensors, name, fresh=True)  # the model changed: ask PEFT
-        fit = _fit(model, holding, mapped, name)
+        fit = _fit(model, holding, mapped, name, header)
     if not fit.ok:
-        missing = _missing_keys(model, name, plan.adapter.header) if fit.unfilled else []
         problems = []
-        if missing or fit.unfilled:
-            problems.append(f"missing {len(missing or fit.unfilled)} key(s): {_fmt_keys(missing) or '?'}")
+        if fit.missing:
+            problems.append(f"missing {len(fit.missing)} key(s): {_fmt_keys(fit.missing)}")
         if fit.unexpected:
             problems.append(f"{len(fit.unexpected)} unexpected key(s): {_fmt_keys(fit.unexpected)}")
         if fit.mismatched:
@@ -608,7 +622,7 @@ def replace(model: PeftModel, plan: _Plan) -> None:
             f"expected the loaded adapter's keys, shapes and dtypes (ranks up to the padded one on a "
             f"model prepared for hot-swapping) — load it under a new adapter_name instead.",
             path=weights_path,
-            missing_keys=missing,
+            missing_keys=fit.missing,
             unexpected_keys=fit.unexpected,
             mismatched_keys=fit.mismatched,
             wrong_dtypes=fit.wrong_dtypes,

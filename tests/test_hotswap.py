@@ -252,3 +252,25 @@ def test_a_keyboard_interrupt_half_way_through_the_writes_puts_everything_back(
     assert scalings(model) == scaling_before
     assert torch.equal(logits(model), expected)
     assert model.peft_config["default"].r == 4
+
+
+def test_adalora_keeps_its_own_scaling(tmp_path: Path) -> None:
+    """AdaLoRA shares LoRA's "lora_" prefix but scales by alpha itself: a new alpha is named, not
+    rewritten with LoRA's formula."""
+    from peft import AdaLoraConfig
+
+    def adalora(alpha: float, seed: int) -> Path:
+        config = AdaLoraConfig(
+            target_modules=["q_proj"], init_r=4, lora_alpha=alpha, total_step=10, task_type="CAUSAL_LM"
+        )
+        return save_adapter(tiny_llama(), config, tmp_path / f"a{alpha}-{seed}", train_steps=1, seed=seed)
+
+    model = load_for_inference(tiny_llama(), adalora(8, 0))
+    before = snapshot(model)
+    with pytest.raises(AdapterConfigError, match=r"lora_alpha: loaded 8, new 16") as info:
+        load_adapter(model, adalora(16, 1), adapter_name="default", replace=True)
+    assert info.value.fields == ["lora_alpha"]
+    assert_unchanged(model, before)
+    same = adalora(8, 2)
+    load_adapter(model, same, adapter_name="default", replace=True)
+    assert torch.equal(logits(model), logits(load_for_inference(tiny_llama(), same)))
