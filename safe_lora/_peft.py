@@ -209,8 +209,8 @@ def switches_layer_by_layer(peft_model: PeftModel) -> bool:
     instead, adaption prompt swaps attention modules, X-LoRA overrides the tuner's switch: for those
     only PEFT's ``disable_adapter`` context manager knows what to do.
     """
-    config = peft_model.peft_config.get(peft_model.active_adapter) if peft_model.peft_config else None
-    if config is not None and (config.is_prompt_learning or config.is_adaption_prompt):
+    # One kind per model: prompt learning and adaption prompt never mix with other tuners.
+    if any(c.is_prompt_learning or c.is_adaption_prompt for c in peft_model.peft_config.values()):
         return False
     tuner = type(peft_model.base_model)
     if not issubclass(tuner, BaseTuner):

@@ -302,3 +302,15 @@ def test_peft_model_class_is_what_use_adapter_yields(folders: dict[str, Path]) -
     with use_adapter(torch.compile(model), None) as inner:  # the compiled wrapper is accepted
         assert isinstance(inner, PeftModel)
         assert torch.equal(logits(model), BASE)
+
+
+def test_several_active_adapters_all_off(folders: dict[str, Path]) -> None:
+    model = load_for_inference(tiny_llama(), {"a": folders["a"], "b": folders["b"]})
+    set_active_adapter(model, ["a", "b"])
+    combined = logits(model)
+    before = snapshot(model)
+    with use_adapter(model, None):
+        assert torch.equal(logits(model), BASE)
+    assert_unchanged(model, before)
+    assert model.active_adapters == ["a", "b"]
+    assert torch.equal(logits(model), combined)
