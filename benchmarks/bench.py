@@ -19,7 +19,9 @@ Measurements, on a Llama-shaped model built from a config (no download) with a L
    adding 24 adapters one by one with ``load_adapter`` vs ``PeftModel.load_adapter`` (total, and how
    the cost of one add grows), ``use_adapter`` vs a ``set_adapter`` round trip, and
    ``load_adapter(replace=True)`` vs ``PeftModel.load_adapter`` into a new name and vs PEFT's
-   ``hotswap_adapter``, and ``deterministic_lora`` on a training model holding all the adapters.
+   ``hotswap_adapter`` (on models holding all the adapters, and on models holding one, prepared with
+   PEFT's ``prepare_model_for_compiled_hotswap``, swapping adapters of other ranks and alphas), and
+   ``deterministic_lora`` on a training model holding all the adapters.
 """
 
 from __future__ import annotations
@@ -801,7 +803,74 @@ def bench_serving(settings: Settings, tmp: Path) -> list[Row]:
             return time.perf_counter() - start
 
     alternate(settings.switch_pairs, enter_exit, round_trip, toggle, warmup=2, best_of=2 * settings.best_of)
-    return [total, growth, switch, replace_vs_load, replace_vs_hotswap, toggle]
+    prepared = bench_prepared_hotswap(settings, base, tmp)
+    return [total, growth, switch, replace_vs_load, replace_vs_hotswap, prepared, toggle]
+
+
+# The ranks and alphas swapped into models prepared for hot-swapping (PEFT's
+# prepare_model_for_compiled_hotswap pads every LoRA tensor to the largest rank).
+HOTSWAP_RANKS = ((8, 16), (4, 8), (16, 16), (8, 32))
+HOTSWAP_TARGET_RANK = 16
+
+
+def bench_prepared_hotswap(settings: Settings, base: nn.Module, tmp: Path) -> Row:
+    """``load_adapter(replace=True)`` vs PEFT's ``hotswap_adapter``, each on a model prepared by PEFT's
+    ``prepare_model_for_compiled_hotswap(model, target_rank=16)``: the serving set-up of a compiled
+    model that swaps adapters of other ranks and alphas without recompiling."""
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    from safe_lora import load_adapter, load_for_inference
+
+    spec = settings.serving_model
+    paths = [
+        save_adapter(
+            base, tmp / f"hotswap-{i}", lora={**SERVING_LORA, "r": r, "lora_alpha": alpha}, seed=SEED + 50 + i
+        )
+        for i, (r, alpha) in enumerate(HOTSWAP_RANKS)
+    ]
+    ranks = ", ".join(f"r={r}/alpha={a}" for r, a in HOTSWAP_RANKS)
+    row = Row(
+        f"serving: load_adapter(replace=True) / peft hotswap_adapter, models prepared for hot-swapping "
+        f"(target_rank={HOTSWAP_TARGET_RANK})",
+        "load_adapter(..., replace=True)",
+        "hotswap_adapter(model, path, 'default')",
+        "s",
+        1.0,
+        note=(
+            f"{spec.num_hidden_layers}-layer Llama, hidden {spec.hidden_size}, one LoRA adapter on every "
+            f"linear layer, both models prepared with prepare_model_for_compiled_hotswap(target_rank="
+            f"{HOTSWAP_TARGET_RANK}); each side swaps in turn {ranks}; 1 thread"
+        ),
+    )
+    ours = load_for_inference(copy.deepcopy(base), paths[0])
+    raw = _quiet_call(lambda: PeftModel.from_pretrained(copy.deepcopy(base), os.fspath(paths[0])).eval())
+    for model in (ours, raw):
+        prepare_model_for_compiled_hotswap(model, target_rank=HOTSWAP_TARGET_RANK)
+    turns = {"safe": iter(range(10**9)), "raw": iter(range(10**9))}
+
+    def replace() -> float:
+        source = paths[next(turns["safe"]) % len(paths)]
+        with _no_gc():
+            start = time.perf_counter()
+            load_adapter(ours, source, adapter_name="default", replace=True)
+            return time.perf_counter() - start
+
+    def hotswap() -> float:
+        source = paths[next(turns["raw"]) % len(paths)]
+        with _no_gc(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            hotswap_adapter(raw, os.fspath(source), adapter_name="default", torch_device="cpu")
+            return time.perf_counter() - start
+
+    alternate(settings.switch_pairs, replace, hotswap, row, warmup=2, best_of=settings.best_of)
+    # Both sides ran the same swaps in the same order: the models must compute the same.
+    with torch.inference_mode():
+        tokens = torch.arange(8).unsqueeze(0) % spec.vocab_size
+        if not torch.equal(ours(input_ids=tokens).logits, raw(input_ids=tokens).logits):
+            row.note += "; WARNING: the two models' outputs differ"
+    return row
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,50 +7,42 @@ asked: every module's mode and every parameter's ``requires_grad`` stay exactly 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
-import torch
-from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+from peft import PeftModel
 from torch import nn
 
-from safe_lora._checks import emit, raise_first
-from safe_lora._config import dropout_rates
-from safe_lora._fit import expected_state, fit_findings
+from safe_lora._checks import emit
 from safe_lora._loading import (
     AdapterPath,
     Sha256,
-    _Plan,
     _split_kwargs,
     attach_plan,
     check_dropout,
     check_type,
     plan_adapter,
 )
-from safe_lora._meta import MetaTwins
-from safe_lora._patterns import pattern_key, resolve_patterns
 from safe_lora._peft import (
-    WRAPPED_CHILDREN,
     AuxiliaryTrainingWrapper,
     BaseTuner,
     BaseTunerLayer,
-    BufferDict,
-    init_keeps_base,
-    intercept_load_state_dict,
-    peft_type_name,
+    adapters_disabled,
+    base_modules,
+    rewrites_base,
+    set_adapters_disabled,
     set_layer_active_adapters,
+    switches_layer_by_layer,
 )
 from safe_lora._provenance import record
-from safe_lora._rollback import rollback_on_error, tensor_at
-from safe_lora._unwrap import base_of, unwrap
+from safe_lora._replace import replace as replace_in_place
+from safe_lora._rollback import rollback_on_error
+from safe_lora._unwrap import unwrap
 from safe_lora.errors import (
     AdapterConfigError,
     AdapterExistsError,
-    AdapterWeightsError,
     UnknownAdapterError,
     _fmt_keys,
 )
@@ -133,55 +125,252 @@ def set_active_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> 
     activates -- in a frozen inference model that silently makes it trainable. This keeps every
     module's mode and every parameter's ``requires_grad`` exactly as they were.
 
+    There is no ``set_active_adapter(model, None)``: switching every adapter off for good would
+    leave a model that silently computes its base model. Run the base model for a block with
+    ``with use_adapter(model, None):`` instead.
+
     Args:
         model: A ``PeftModel`` (or a ``torch.compile`` of one) holding the adapter(s).
         name_or_names: One adapter name, or several to combine (tuners that support it, e.g. LoRA).
 
     Raises:
         UnknownAdapterError: A name that is not loaded; nothing changes.
+        TypeError: ``None`` (see above), or not a name or a sequence of names.
 
     Example:
         >>> model = load_for_inference(base, {"chat": "out/chat", "sql": "out/sql"})  # doctest: +SKIP
         >>> set_active_adapter(model, "sql")  # still frozen, still in eval  # doctest: +SKIP
     """
     peft_model = _peft_model(model, "set_active_adapter")
+    if name_or_names is None:
+        raise TypeError(
+            "set_active_adapter(model, None) is not supported: switching every adapter off for good leaves a "
+            "model that silently computes its base model — expected an adapter name or a list of names — "
+            "for the base model's outputs in a block, use `with use_adapter(model, None):`."
+        )
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
     if not names:
         raise ValueError("set_active_adapter: expected at least one adapter name, found none.")
+    for name in names:
+        check_type("name_or_names", name, str, "an adapter name (str) or a list of names")
     _check_names(peft_model, names)
     _switch(peft_model, names)
 
 
 @contextmanager
-def use_adapter(model: nn.Module, name: str) -> Iterator[PeftModel]:
-    """Activate one adapter for a block; restore the previous active adapter(s) on exit.
+def _grads_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every ``requires_grad`` a PEFT switch changed in the block.
 
-    Every module's mode and every parameter's ``requires_grad`` are exactly as before, inside the
-    block and after it, also when the block raises.
+    PEFT's ``enable_adapters(True)`` calls ``set_adapter``, which sets ``requires_grad=True`` on the
+    active adapter (a frozen inference model becomes trainable: 0 -> 8 trainable tensors on a tiny
+    Llama), and ``enable_adapters(False)`` freezes every adapter. Each flag is put back to what it
+    was just before the switch, so a flag the caller changed earlier stays as the caller set it.
+    """
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            if param.requires_grad is not flag:
+                param.requires_grad_(flag)
+
+
+class _AdaptersOff:
+    """The switch of one ``use_adapter(model, None)`` block: every adapter off, by PEFT's own means.
+
+    For the tuners PEFT switches layer by layer, each ``BaseTunerLayer`` and auxiliary wrapper that is
+    on is switched off with its own ``enable_adapters(False)`` (and back on with
+    ``enable_adapters(True)``): layers the caller had switched off stay off. Prompt learning, adaption
+    prompt and X-LoRA go through PEFT's ``disable_adapter()`` context manager, which knows their
+    mechanisms. Either way every ``requires_grad`` PEFT touches is put back, and no module's
+    ``training`` flag is touched.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.layer_by_layer = switches_layer_by_layer(model)
+        self.switched: list[Any] = []  # the layers this block turned off
+        self.peft_block: AbstractContextManager[None] | None = None
+        self.was_disabled = False
+        self.is_off = False
+        # The instance attributes of what PEFT's switch touches, before it did (see on()).
+        self.attributes: list[tuple[object, set[str]]] = []
+
+    def off(self) -> None:
+        with _grads_kept(self.model):
+            if self.layer_by_layer:
+                tuner: Any = self.model.base_model
+                self.switched = [
+                    module
+                    for module in tuner.model.modules()
+                    if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+                    and not module.disable_adapters
+                ]
+                self.attributes = [(layer, set(vars(layer))) for layer in self.switched]
+                for layer in self.switched:
+                    layer.enable_adapters(False)
+                self.was_disabled = adapters_disabled(self.model)
+                set_adapters_disabled(self.model, True)
+            else:
+                objects = (self.model, self.model.base_model)
+                self.attributes = [(obj, set(vars(obj))) for obj in objects]
+                block = self.model.disable_adapter()
+                block.__enter__()
+                self.peft_block = block
+        self.is_off = True
+
+    def on(self) -> None:
+        if not self.is_off:
+            return
+        self.is_off = False
+        with _grads_kept(self.model):
+            if self.peft_block is not None:
+                block, self.peft_block = self.peft_block, None
+                block.__exit__(None, None, None)
+            else:
+                for layer in self.switched:
+                    layer.enable_adapters(True)
+                self.switched = []
+                set_adapters_disabled(self.model, self.was_disabled)
+        # PEFT's switch leaves instance attributes that only repeat what the class gives: a layer's
+        # ``_disable_adapters = False`` (a class default), the PeftModel's ``forward`` put back as
+        # its own bound method. Dropped, so that every object has exactly its attributes of before.
+        for obj, before in self.attributes:
+            state = vars(obj)
+            for key in [k for k in state if k not in before]:
+                value = state.pop(key)
+                if getattr(obj, key, _MISSING) != value:
+                    state[key] = value  # not a mere repeat: the switch's own state, kept
+        self.attributes = []
+
+
+_MISSING = object()
+
+
+# The use_adapter(model, None) blocks open on each model, outermost first: a use_adapter(model, name)
+# nested inside them switches them on for its own block, and off again after it.
+_OFF_BLOCKS: weakref.WeakKeyDictionary[PeftModel, list[_AdaptersOff]] = weakref.WeakKeyDictionary()
+
+
+def _has_biases(model: PeftModel) -> bool:
+    return any(module._parameters.get("bias") is not None for _, module in base_modules(model))
+
+
+def _refuse_switching_off(model: PeftModel) -> None:
+    """Raise unless switching every adapter off gives exactly the base model's outputs; change nothing.
+
+    Raises:
+        AdapterConfigError: An adapter changed the base model itself when it loaded: an init that
+            rewrites the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, KaSA), layer replication,
+            or base biases trained with it (``bias="all"`` / ``"lora_only"``).
+        ValueError: An adapter is merged into the base weights.
+    """
+    changed: dict[str, list[str]] = {}
+    for adapter, config in model.peft_config.items():
+        if rewrites_base(config):
+            init = getattr(config, "init_lora_weights", None)
+            changed.setdefault(adapter, []).append(
+                f"init_lora_weights={init!r}" if isinstance(init, str) else "kasa_config"
+            )
+        replication = getattr(config, "layer_replication", None)
+        if replication:
+            changed.setdefault(adapter, []).append(f"layer_replication={replication!r}")
+        bias = getattr(config, "bias", "none")
+        # bias="all" / "lora_only" load the adapter's biases into the base layers' own bias tensors
+        # (PEFT saves them with the adapter): only a base without biases is left as it was.
+        if isinstance(bias, str) and bias != "none" and _has_biases(model):
+            changed.setdefault(adapter, []).append(f"bias={bias!r}")
+    if changed:
+        described = "; ".join(f"{name!r}: {', '.join(why)}" for name, why in sorted(changed.items()))
+        raise AdapterConfigError(
+            f"use_adapter(model, None) cannot give the base model's outputs: loading changed the base model "
+            f"itself ({described}: the base weights were rewritten, layers replicated, or base biases "
+            f"overwritten) — expected adapters that leave the base model alone — compare against a freshly "
+            f"loaded base model instead.",
+            fields=sorted({why.split("=")[0] for reasons in changed.values() for why in reasons}),
+        )
+    tuner: Any = model.base_model
+    merged = sorted(
+        key
+        for key, module in (tuner.model.named_modules() if isinstance(tuner, BaseTuner) else ())
+        if isinstance(module, BaseTunerLayer) and module.merged
+    )
+    if merged:
+        raise ValueError(
+            f"use_adapter(model, None) cannot switch the adapters off while they are merged into the base "
+            f"weights ({_fmt_keys(merged)}) — PEFT would unmerge them in place at the next forward and the "
+            f"model would not be the same after the block — call model.unmerge_adapter() first."
+        )
+
+
+@contextmanager
+def use_adapter(model: nn.Module, name: str | None) -> Iterator[PeftModel]:
+    """Activate one adapter -- or none -- for a block; restore the previous state on exit.
+
+    ``use_adapter(model, name)`` makes ``name`` the one active adapter. ``use_adapter(model, None)``
+    switches every adapter off, with PEFT's own switches: inside the block the model computes exactly
+    what its base model computes (bit for bit). PEFT's ``disable_adapter()`` does the same but turns
+    ``requires_grad`` **on** for the active adapter when it ends (a frozen inference model becomes
+    trainable); here every module's mode and every parameter's ``requires_grad`` are exactly as before,
+    inside the block and after it, also when the block raises.
+
+    Blocks nest, with each other and with :class:`~safe_lora.deterministic_lora`: a
+    ``use_adapter(model, "b")`` inside a ``use_adapter(model, None)`` computes ``"b"`` (the adapters are
+    back on for its block), and a ``use_adapter(model, None)`` inside ``use_adapter(model, "b")``
+    computes the base model. In a training model a backward pass inside a ``None`` block leaves the
+    adapters' gradients untouched (they took no part), and they stay trainable.
 
     Args:
         model: A ``PeftModel`` (or a ``torch.compile`` of one) holding ``name``.
-        name: The adapter to activate inside the block.
+        name: The adapter to activate inside the block, or ``None`` for the base model.
 
     Yields:
-        The ``PeftModel``, with ``name`` active.
+        The ``PeftModel``, with ``name`` active (or every adapter off).
 
     Raises:
         UnknownAdapterError: The model holds no adapter called ``name``.
+        AdapterConfigError: ``None``, and loading an adapter changed the base model itself (an init
+            that rewrites the base weights such as PiSSA, layer replication, trained base biases):
+            switching adapters off cannot give the base model's outputs (``fields`` names why).
+        ValueError: ``None``, and an adapter is merged into the base weights.
 
     Example:
         >>> model = load_for_inference(base, {"chat": "out/chat", "sql": "out/sql"})  # doctest: +SKIP
         >>> with use_adapter(model, "sql"):  # doctest: +SKIP
         ...     answer = model(**batch)
+        >>> with use_adapter(model, None):  # the base model, e.g. a reference in DPO  # doctest: +SKIP
+        ...     reference = model(**batch).logits
     """
     peft_model = _peft_model(model, "use_adapter")
+    if name is None:
+        _refuse_switching_off(peft_model)
+        block = _AdaptersOff(peft_model)
+        blocks = _OFF_BLOCKS.setdefault(peft_model, [])
+        block.off()
+        blocks.append(block)
+        try:
+            yield peft_model
+        finally:
+            blocks.remove(block)
+            block.on()
+        return
+    check_type("name", name, str, "an adapter name (str) or None")
     _check_names(peft_model, [name])
     previous = list(peft_model.active_adapters)
+    # The None blocks this one is nested in: back on for this block, innermost first, and off again
+    # after it, outermost first (each re-records what it turns off).
+    suspended = [block for block in _OFF_BLOCKS.get(peft_model, ()) if block.is_off]
     try:
+        for block in reversed(suspended):
+            block.on()
         _switch(peft_model, [name])
         yield peft_model
     finally:
-        _switch(peft_model, previous)
+        try:
+            _switch(peft_model, previous)
+        finally:
+            for block in suspended:
+                block.off()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,12 +382,40 @@ def _is_training_model(model: PeftModel) -> bool:
     return not all(getattr(c, "inference_mode", False) for c in model.peft_config.values())
 
 
+def _adapter_kind(model: PeftModel, name: str, *, trainable: bool | None, replace: bool) -> bool:
+    """Whether adapter ``name`` is loaded for training (``True``) or frozen, as for inference.
+
+    Raises:
+        ValueError: ``trainable=True`` on an inference model; with ``replace=True``, a ``trainable``
+            that is not the loaded adapter's kind.
+    """
+    if replace:
+        kind = not getattr(model.peft_config[name], "inference_mode", False)
+        if trainable is not None and trainable is not kind:
+            raise ValueError(
+                f"replace=True keeps adapter {name!r} as it was loaded — expected trainable=None or "
+                f"{kind}, found trainable={trainable} — to change its kind, load the new weights under a "
+                f"new adapter_name."
+            )
+        return kind
+    training = _is_training_model(model)
+    if trainable is True and not training:
+        raise ValueError(
+            f"Cannot add a trainable adapter {name!r} to a model loaded for inference (every module in eval, "
+            f"every parameter frozen): it would train in eval mode, dropout off, beside frozen adapters — "
+            f"expected a model from load_for_training — load the base with load_for_training, or drop "
+            f"trainable=True."
+        )
+    return training if trainable is None else trainable
+
+
 def load_adapter(
     model: nn.Module,
     adapter: AdapterPath,
     *,
     adapter_name: str,
     replace: bool = False,
+    trainable: bool | None = None,
     dropout: float | Literal["auto"] | None = "auto",
     strict: bool = True,
     allow_pickle: bool = False,
@@ -213,14 +430,25 @@ def load_adapter(
     every module's mode, the active adapter(s) and every existing parameter's ``requires_grad``
     stay as they were (PEFT's own ``load_adapter`` switches the whole model to eval). In an
     inference model the new adapter gets zero dropout and no gradients; in a training model it is
-    trainable, like the first one.
+    trainable, like the first one -- unless ``trainable=False``: a frozen *reference* adapter in a
+    training model (DPO, KTO: PEFT's ``load_adapter(..., is_trainable=False)``), loaded as for
+    inference (no gradients, dropout rates 0 unless ``dropout=`` says otherwise) while the adapters
+    being trained, the active adapter and every module's mode stay as they were. Its new modules
+    follow their parent's mode, as every new module does, so a rate passed with ``dropout=`` is live
+    in a training model until :class:`~safe_lora.deterministic_lora` freezes it.
 
     With ``replace=True`` the adapter called ``adapter_name`` gets the new weights **in place**:
     the same tensor objects, dtype and device (so a ``torch.compile``d model serves them without
     recompiling), after the new file was checked in full against the loaded adapter -- same tuner,
-    targets, ranks and variant; keys and shapes exact; values finite. A different alpha updates the
-    scalings (a compiled model then re-specialises once). Any refusal leaves the old weights,
-    modes and ``requires_grad`` exactly as they were.
+    targets, ranks and variant (the differing config fields are named, whatever the keys say); keys
+    and shapes exact; values finite. A different alpha updates the scalings (a compiled model then
+    re-specialises once). On a model prepared with PEFT's
+    ``peft.utils.hotswap.prepare_model_for_compiled_hotswap(model, target_rank=R)`` (its LoRA
+    tensors zero-padded to rank ``R``, its scalings 0-dim tensors) the new adapter may have any
+    rank up to ``R`` and any alpha: its weights are zero-padded exactly as PEFT's ``hotswap_adapter``
+    pads them and its scalings written into the same scaling tensors, so a compiled model does not
+    recompile -- bit for bit what ``hotswap_adapter`` computes on an identically prepared model. Any
+    refusal leaves the old weights, scalings, modes and ``requires_grad`` exactly as they were.
 
     Args:
         model: A ``PeftModel`` (or a ``torch.compile`` of one) holding at least one adapter.
@@ -228,8 +456,15 @@ def load_adapter(
         adapter_name: The new adapter's name (must not be taken), or with ``replace=True`` the
             loaded adapter to overwrite (must exist).
         replace: Overwrite ``adapter_name``'s weights in place instead of adding an adapter.
-        dropout: ``"auto"`` zeroes dropout in an inference model and keeps the saved rates in a
-            training model; a float or ``None`` as for :func:`load_for_inference`.
+        trainable: ``None`` follows the model: trainable in a training model, frozen in an
+            inference model. ``False`` adds a frozen adapter to a training model. ``True`` asks
+            for a trainable adapter, which only a training model can take: an inference model (every
+            module in eval, every parameter frozen) would become the mixed train/eval tree safe_lora
+            exists to prevent. With ``replace=True`` the adapter keeps its kind (``None``, or the kind
+            it was loaded as).
+        dropout: ``"auto"`` zeroes dropout in an inference model and for a frozen adapter
+            (``trainable=False``), and keeps the saved rates for a trainable one; a float or ``None``
+            as for :func:`load_for_inference`.
         strict: Refuse missing or unexpected adapter keys (``replace=True`` is always strict).
         allow_pickle: Allow ``adapter_model.bin`` when there is no safetensors file.
         expected_sha256: Pin the bytes, as for :func:`~safe_lora.load_for_inference`.
@@ -243,18 +478,29 @@ def load_adapter(
     Raises:
         AdapterExistsError: ``adapter_name`` is already taken (and ``replace`` is false).
         UnknownAdapterError: ``replace=True`` and no adapter is called ``adapter_name``.
-        AdapterConfigError: ``replace=True`` and the new config does not match the loaded adapter's.
+        ValueError: ``trainable=True`` on an inference model, or with ``replace=True`` a
+            ``trainable`` other than the adapter's kind.
+        AdapterConfigError: ``replace=True`` and the new config does not match the loaded adapter's
+            (``fields`` names the fields: ``"target_modules"``, ``"r"``, ``"use_dora"``, ...); another
+            rank on a model not prepared for hot-swapping says how to prepare it.
         AdapterNotFoundError, AdapterWeightsError, UnsafeAdapterError: As for
-            :func:`load_for_inference`; the model is left exactly as it was.
+            :func:`load_for_inference`; the model is left exactly as it was. With ``replace=True``
+            an ``AdapterWeightsError`` lists the file's keys that do not fit the loaded adapter:
+            ``missing_keys``, ``unexpected_keys``, ``mismatched_keys`` (``{key: (shape in the
+            file, shape loaded)}``), ``wrong_dtypes``.
 
     Example:
         >>> model = load_for_inference(base, {"chat": "out/chat"})  # doctest: +SKIP
         >>> load_adapter(model, "out/sql", adapter_name="sql")  # doctest: +SKIP
         >>> load_adapter(model, "out/sql-step-2000", adapter_name="sql", replace=True)  # doctest: +SKIP
+        >>> policy = load_for_training(base, "out/sft")  # doctest: +SKIP
+        >>> load_adapter(policy, "out/sft", adapter_name="ref", trainable=False)  # DPO  # doctest: +SKIP
     """
     peft_model = _peft_model(model, "load_adapter")
     check_type("adapter_name", adapter_name, str, "a str")
     check_type("replace", replace, bool, "True or False")
+    if trainable is not None:
+        check_type("trainable", trainable, bool, "True, False or None")
     check_type("strict", strict, bool, "True or False")
     if dropout != "auto":
         check_dropout(dropout)
@@ -273,7 +519,7 @@ def load_adapter(
             name=adapter_name,
             available=peft_model.peft_config,
         )
-    training = _is_training_model(peft_model)
+    training = _adapter_kind(peft_model, adapter_name, trainable=trainable, replace=replace)
     if dropout == "auto":
         dropout = None if training else 0.0
     options = _split_kwargs(peft_kwargs)
@@ -287,10 +533,10 @@ def load_adapter(
         options=options,
         expected_sha256=expected_sha256,
         signed_by=signed_by,
-        instead="load_adapter on an inference model",
+        instead="load_adapter(..., trainable=False)",
     )
     if replace:
-        _replace(peft_model, plan, training=training)
+        replace_in_place(peft_model, plan)
         record(peft_model, adapter_name, plan.adapter)
         return peft_model
 
@@ -307,7 +553,7 @@ def load_adapter(
         ):
             _switch(peft_model, active)
         # Everything that existed keeps its own mode and requires_grad; what is new follows its
-        # parent's mode and the model's kind (trainable only in a training model).
+        # parent's mode and the adapter's kind (trainable only when loaded for training).
         snapshot.restore_modes()
         for parent, child in snapshot.new_subtrees():
             if any(m.training is not parent.training for m in child.modules()):
@@ -318,280 +564,3 @@ def load_adapter(
     record(peft_model, adapter_name, plan.adapter)
     emit(findings)
     return peft_model
-
-
-# Config fields a replacement may change: bookkeeping, the dropout rates (they follow the model's
-# mode) and, for LoRA, alpha (the scalings are updated). Targets and modules_to_save are compared
-# through the keys and shapes of the file instead (PEFT rewrites them in the loaded config).
-_FREE_FIELDS = frozenset(
-    {
-        "inference_mode",
-        "base_model_name_or_path",
-        "revision",
-        "peft_version",
-        "runtime_config",
-        "auto_mapping",
-        "target_modules",
-        "exclude_modules",
-        "modules_to_save",
-        "layers_to_transform",
-        "layers_pattern",
-    }
-)
-_ALPHA_FIELDS = frozenset({"lora_alpha", "alpha_pattern"})
-
-
-def _comparable(value: Any) -> Any:
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return value
-
-
-def _config_changes(old: PeftConfig, new: PeftConfig, *, lora: bool) -> list[str]:
-    """The fields that differ in a way a replacement in place cannot honour, sorted."""
-    rates = set(dropout_rates(old)) | set(dropout_rates(new))
-    free = _FREE_FIELDS | rates | (_ALPHA_FIELDS if lora else frozenset())
-    changed = []
-    for f in dataclasses.fields(old):
-        if f.name in free:
-            continue
-        a, b = _comparable(getattr(old, f.name, None)), _comparable(getattr(new, f.name, None))
-        if f.name == "init_lora_weights" and init_keeps_base(a) and init_keeps_base(b):
-            continue  # the init is overwritten by the loaded values, unless it rewrote the base
-        if a != b:
-            changed.append(f"{f.name}: loaded {a!r}, new {b!r}")
-    return sorted(changed)
-
-
-@dataclasses.dataclass
-class _Rate:
-    """One dropout rate to set on one layer: ``holder[adapter] = rate`` in some form."""
-
-    layer: nn.Module
-    attribute: str
-    adapter: str
-    rate: float
-
-    def apply(self) -> None:
-        holder = getattr(self.layer, self.attribute)
-        current = holder[self.adapter]
-        if isinstance(holder, nn.ModuleDict):
-            if isinstance(current, nn.Dropout):
-                current.p = self.rate
-            elif self.rate > 0:
-                fresh = nn.Dropout(p=self.rate)
-                fresh.train(current.training)
-                holder[self.adapter] = fresh
-        else:
-            holder[self.adapter] = self.rate
-
-
-# The children of a tuner layer, tuner or wrapper that are not the adapter's: the wrapped layer.
-_CONTAINERS = (nn.ModuleDict, nn.ParameterDict, BufferDict)
-
-
-@dataclasses.dataclass
-class _Holding:
-    """Where adapter ``name`` lives in a model, found in one walk of it."""
-
-    layers: list[tuple[str, nn.Module]]  # qualified name in the base model, tuner layer
-    tensors: dict[int, torch.Tensor]  # every parameter and buffer of the adapter, by identity
-    merged: bool
-
-
-def _holding(model: PeftModel, name: str) -> _Holding:
-    holding = _Holding([], {}, False)
-    owners: list[nn.Module] = [model.base_model]
-    for key, module in base_of(model).named_modules():
-        layer: Any = module  # a tuner layer is an nn.Module *and* a BaseTunerLayer
-        if isinstance(layer, BaseTunerLayer):
-            holding.merged = holding.merged or name in layer.merged_adapters
-            holding.layers.append((key, module))
-            owners.append(module)
-        elif isinstance(module, AuxiliaryTrainingWrapper):
-            owners.append(module)
-    for owner in owners:
-        for child_name, child in owner._modules.items():
-            if child_name in WRAPPED_CHILDREN or not isinstance(child, _CONTAINERS) or name not in child:
-                continue
-            entry = child[name]
-            found = [entry] if isinstance(entry, torch.Tensor) else [*entry.parameters(), *entry.buffers()]
-            holding.tensors.update((id(t), t) for t in found)
-    return holding
-
-
-def _rate_updates(holding: _Holding, name: str, old: PeftConfig, new: PeftConfig) -> list[_Rate]:
-    """Where each changed dropout rate lives in the layers; refuses a rate with no home."""
-    before, after = dropout_rates(old), dropout_rates(new)
-    changed = {k: v for k, v in after.items() if before.get(k) != v}
-    updates: list[_Rate] = []
-    homeless = set(changed)
-    for _, layer in holding.layers:
-        for attribute, rate in changed.items():
-            holder = getattr(layer, attribute, None)
-            if isinstance(holder, (nn.ModuleDict, dict)) and name in holder:
-                updates.append(_Rate(layer, attribute, name, rate))
-                homeless.discard(attribute)
-    if homeless:
-        raise AdapterConfigError(
-            f"Cannot replace adapter {name!r} in place: its dropout rate(s) {sorted(homeless)} change "
-            f"({', '.join(f'{k}: {before.get(k)} -> {changed[k]}' for k in sorted(homeless))}) and the "
-            f"layers keep no per-adapter rate to update — expected the same rates — load the new "
-            f"weights under a new adapter_name instead.",
-        )
-    return updates
-
-
-def _lora_scalings(holding: _Holding, name: str, config: PeftConfig) -> list[tuple[nn.Module, float, float]]:
-    """``(layer, alpha, scaling)`` for each LoRA layer of ``name`` under ``config`` (PEFT's formula)."""
-    r_default: int = getattr(config, "r", 8)
-    alpha_default: float = getattr(config, "lora_alpha", 8)
-    rank_pattern: dict[str, int] = dict(getattr(config, "rank_pattern", None) or {})
-    alpha_pattern: dict[str, float] = dict(getattr(config, "alpha_pattern", None) or {})
-    found: list[tuple[nn.Module, float, float]] = []
-    # The patterns decided once over the layers' names, with a time bound (PEFT's get_pattern_key
-    # would match them with none).
-    resolved = resolve_patterns(config, [key for key, _ in holding.layers])
-    rank_pattern = dict(getattr(resolved, "rank_pattern", None) or {})
-    alpha_pattern = dict(getattr(resolved, "alpha_pattern", None) or {})
-    for key, layer in holding.layers:
-        scaling = getattr(layer, "scaling", None)
-        if not isinstance(layer, nn.Module) or not isinstance(scaling, dict) or name not in scaling:
-            continue
-        rank = rank_pattern.get(pattern_key(rank_pattern, key), r_default)
-        alpha = alpha_pattern.get(pattern_key(alpha_pattern, key), alpha_default)
-        scale = alpha / math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha / rank
-        found.append((layer, alpha, scale))
-    return found
-
-
-class _Remapped(Exception):
-    """Carries the state dict PEFT was about to load, so that nothing is loaded."""
-
-    def __init__(self, state_dict: dict[str, Any]) -> None:
-        super().__init__("remapped")
-        self.state_dict = state_dict
-
-
-def _peft_mapping(model: PeftModel, tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
-    """The file's keys as PEFT maps them onto the model for ``name`` -- PEFT's own mapping (tuner
-    renames, modules_to_save, transformers conversions), run up to the point where it would load."""
-
-    def capture(state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        raise _Remapped(dict(state_dict))
-
-    try:
-        with intercept_load_state_dict(model, capture):
-            set_peft_model_state_dict(model, tensors, adapter_name=name)
-    except _Remapped as done:
-        return done.state_dict
-    raise AssertionError("PEFT's set_peft_model_state_dict did not call load_state_dict")  # pragma: no cover
-
-
-def _replace(model: PeftModel, plan: _Plan, *, training: bool) -> None:
-    """Swap ``plan``'s weights into the loaded adapter of the same name, in place, or refuse.
-
-    Everything is checked before the first write; the write itself is a ``copy_`` into each
-    existing tensor (what ``load_state_dict`` does), and the old values are kept until the whole
-    swap is done, so even a ``KeyboardInterrupt`` half way puts them back.
-    """
-    name = plan.name
-    old = model.peft_config[name]
-    new = copy.deepcopy(plan.config)
-    new.inference_mode = old.inference_mode
-    where = plan.adapter.source.label
-    assert plan.adapter.weights is not None
-    tensors = plan.adapter.weights.tensors
-    weights_path = plan.adapter.weights_path
-
-    def refuse(reason: str) -> AdapterConfigError:
-        return AdapterConfigError(
-            f"Cannot replace adapter {name!r} in place with the one in {where}: {reason} — load it "
-            f"under a new adapter_name instead.",
-            path=plan.adapter.source.where("adapter_config.json"),
-        )
-
-    if peft_type_name(old) != peft_type_name(new):
-        raise refuse(f"expected a {peft_type_name(old)} adapter, found {peft_type_name(new)}")
-    if new.is_prompt_learning:
-        raise refuse("prompt-learning adapters are not swapped in place")
-    lora = getattr(model.base_model, "prefix", "") == "lora_"
-    changed = _config_changes(old, new, lora=lora)
-    if changed:
-        expected = "expected the same tuner, targets, ranks and variant"
-        raise refuse(f"the configs differ in {'; '.join(changed)} ({expected})")
-    holding = _holding(model, name)
-    if holding.merged:
-        raise refuse("it is merged into the base weights (call model.unmerge_adapter() first)")
-    rates = _rate_updates(holding, name, old, new)
-    scalings = _lora_scalings(holding, name, new) if lora else []
-
-    # Where each file key goes, by PEFT's own mapping; every key must land in a tensor of this
-    # adapter with its shape, and every tensor of the adapter must get one.
-    targets: list[tuple[torch.Tensor, torch.Tensor]] = []
-    misfit: list[str] = []
-    file_key = {id(v): k for k, v in tensors.items()}
-    for key, value in _peft_mapping(model, tensors, name).items():
-        tensor, _, _ = tensor_at(model, key)
-        if (
-            tensor is None
-            or id(tensor) not in holding.tensors
-            or not isinstance(value, torch.Tensor)
-            or tuple(value.shape) != tuple(tensor.shape)
-            or value.is_floating_point() != tensor.is_floating_point()
-        ):
-            misfit.append(file_key.get(id(value), key))
-            continue
-        targets.append((tensor, value))
-    unfilled = set(holding.tensors) - {id(t) for t, _ in targets}
-    if misfit or unfilled:
-        # The exact comparison names missing, unexpected and mis-shaped keys as the file does; the
-        # loaded adapter's state is read with meta twins standing in, so no real state_dict() runs.
-        twins = MetaTwins(model)
-        try:
-            expected = expected_state(model, name, file_keys=set(plan.adapter.header))
-        finally:
-            twins.restore(model)
-        raise_first(fit_findings(plan.adapter.header, expected, where=weights_path, strict=True))
-        if misfit:
-            raise AdapterWeightsError(
-                f"Cannot replace adapter {name!r} in place from {weights_path!r}: "
-                f"{_fmt_keys(misfit)} do not fit the loaded adapter's tensors — expected the same "
-                f"keys, shapes and dtypes — load it under a new adapter_name instead.",
-                path=weights_path,
-                unexpected_keys=misfit,
-            )
-
-    old_values = [(tensor, tensor.detach().clone()) for tensor, _ in targets]
-    old_scalings = [(m, dict(getattr(m, "scaling", {}))) for m, _, _ in scalings]
-    old_alpha = [(m, dict(getattr(m, "lora_alpha", {}))) for m, _, _ in scalings]
-    try:
-        with torch.no_grad():
-            for tensor, value in targets:
-                tensor.copy_(value)  # what load_state_dict does: the same tensor, its dtype kept
-        for module, alpha, scaling in scalings:
-            scaling_dict: Any = module.scaling
-            scaling_dict[name] = scaling
-            alphas: Any = getattr(module, "lora_alpha", None)
-            if isinstance(alphas, dict):
-                alphas[name] = alpha
-    except BaseException:
-        with torch.no_grad():
-            for tensor, value in old_values:
-                tensor.copy_(value)
-        for module, saved in old_scalings:
-            scaling_dict = module.scaling
-            scaling_dict.clear()
-            scaling_dict.update(saved)
-        for module, saved in old_alpha:
-            alphas = getattr(module, "lora_alpha", None)
-            if isinstance(alphas, dict):
-                alphas.clear()
-                alphas.update(saved)
-        raise
-    for update in rates:
-        update.apply()
-    # The same parameters: an optimizer holding them goes on training the new values.
-    model.peft_config[name] = new

@@ -37,6 +37,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from safe_lora._meta import on_meta, skeleton
+from safe_lora._unwrap import base_of
 
 __all__ = [
     "EMBEDDING_LAYER_NAMES",
@@ -46,6 +47,7 @@ __all__ = [
     "MONTECLORA_SAMPLER_ATTR",
     "NOOP_RULES",
     "PATTERN_FIELDS",
+    "PREPARE_HOTSWAP",
     "PROMPT_ENCODER_CHILD",
     "SAMPLE_AT_INFERENCE_ATTR",
     "SAVED_PREFIX",
@@ -62,17 +64,21 @@ __all__ = [
     "BufferDict",
     "NoOpRule",
     "PatternField",
+    "adapters_disabled",
     "all_linear_targets",
+    "base_modules",
     "cast_adapter_dtype",
     "check_new_adapter_config",
     "check_target_module_exists",
     "complete_deferred",
     "config_class",
     "external_reads",
+    "hotswap_write",
     "import_allowed",
     "init_keeps_base",
     "intercept_load_state_dict",
     "is_router",
+    "layer_adapters",
     "layer_param_names",
     "loading_context",
     "move_adapter_to_base_device",
@@ -82,8 +88,10 @@ __all__ = [
     "replicate_layers",
     "replicated_depth",
     "rewrites_base",
+    "set_adapters_disabled",
     "set_layer_active_adapters",
     "shapes_config",
+    "switches_layer_by_layer",
     "tuner_class",
 ]
 
@@ -128,6 +136,17 @@ def peft_model_class(config: PeftConfig) -> type[PeftModel]:
     """The ``PeftModel`` class ``PeftModel.from_pretrained`` builds for ``config`` (its task type's)."""
     cls: type[PeftModel] = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
     return cls
+
+
+def layer_adapters(layer: BaseTunerLayer) -> set[str]:
+    """The adapter names a tuner layer holds anything for: the keys of its per-adapter attributes
+    (``adapter_layer_names`` and ``other_param_names``, public class attributes of PEFT's layers)."""
+    names: set[str] = set()
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        value: Any = getattr(layer, attr, None)
+        if hasattr(value, "keys"):
+            names.update(value.keys())
+    return names
 
 
 def layer_param_names(tuner_cls: Any) -> frozenset[str]:
@@ -186,6 +205,111 @@ def move_adapter_to_base_device(model: nn.Module, adapter_name: str) -> None:
 def set_layer_active_adapters(layer: BaseTunerLayer, names: list[str]) -> None:
     """What ``BaseTunerLayer.set_adapter`` sets, without its ``requires_grad`` side effect."""
     layer._active_adapter = list(names)
+
+
+def switches_layer_by_layer(peft_model: PeftModel) -> bool:
+    """Whether PEFT switches ``peft_model``'s adapters off and on one layer at a time.
+
+    PEFT 0.21's ``PeftModel.disable_adapter`` (peft/peft_model.py) calls the tuner's
+    ``disable_adapter_layers`` / ``enable_adapter_layers``, which for ``BaseTuner``
+    (peft/tuners/tuners_utils.py, ``_enable_adapter_layers``) call ``enable_adapters(flag)`` on every
+    ``BaseTunerLayer`` and ``AuxiliaryTrainingWrapper`` -- each layer's own switch (LN tuning,
+    modules_to_save, trainable tokens and UniLoRA override it). Prompt learning swaps the forward
+    instead, adaption prompt swaps attention modules, X-LoRA overrides the tuner's switch: for those
+    only PEFT's ``disable_adapter`` context manager knows what to do.
+    """
+    # One kind per model: prompt learning and adaption prompt never mix with other tuners.
+    if any(c.is_prompt_learning or c.is_adaption_prompt for c in peft_model.peft_config.values()):
+        return False
+    tuner = type(peft_model.base_model)
+    if not issubclass(tuner, BaseTuner):
+        return False
+    return all(
+        getattr(tuner, method) is getattr(BaseTuner, method)
+        for method in ("disable_adapter_layers", "enable_adapter_layers", "_enable_adapter_layers")
+    )
+
+
+def adapters_disabled(peft_model: PeftModel) -> bool:
+    """``PeftModel._adapters_disabled``: set while PEFT's ``disable_adapter`` block runs; read by
+    ``has_active_enabled_adapter``, which gates the forward hooks of aLoRA and mixed batches."""
+    return bool(getattr(peft_model, "_adapters_disabled", False))
+
+
+def set_adapters_disabled(peft_model: PeftModel, flag: bool) -> None:
+    """Set ``PeftModel._adapters_disabled`` as PEFT's ``disable_adapter`` does (:func:`adapters_disabled`)."""
+    peft_model._adapters_disabled = flag
+
+
+# The children of a tuner layer / auxiliary wrapper that stand for the module it wraps: PEFT's
+# ``merge_and_unload`` puts them in the wrapper's place, and the names PEFT matched at injection are
+# the wrapper's (``lm_head.base_layer`` was ``lm_head``).
+_STANDS_FOR_WRAPPER = frozenset({"base_layer", "original_module"})
+_PER_ADAPTER = (nn.ModuleDict, nn.ParameterDict, BufferDict)
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for the base model's own modules and the tuner layers and wrappers around
+    them, named as in the base model before PEFT wrapped it; never the adapters' own modules.
+
+    A wrapped module is named as its wrapper (both are yielded under one name). The per-adapter
+    containers of tuner layers and wrappers (``lora_A``, ``modules_to_save``, ...) are not entered,
+    so the walk costs the same however many adapters the model holds.
+    """
+    stack: list[tuple[str, nn.Module]] = [("", base_of(model))]
+    seen: set[int] = set()
+    while stack:
+        key, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield key, module
+        wraps = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        children = []
+        for child_name, child in module._modules.items():
+            if child is None or (wraps and isinstance(child, _PER_ADAPTER)):
+                continue
+            if wraps and child_name in _STANDS_FOR_WRAPPER:
+                children.append((key, child))
+            else:
+                children.append((f"{key}.{child_name}" if key else child_name, child))
+        stack.extend(reversed(children))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hot-swapping (peft/utils/hotswap.py)
+# --------------------------------------------------------------------------------------------------
+
+# The helper PEFT 0.21 names in its messages for swapping adapters of other ranks and alphas into a
+# compiled model: it pads every LoRA Linear / Conv2d ``lora_A`` / ``lora_B`` to ``target_rank`` with
+# zeros and turns every ``scaling`` value into a 0-dim tensor (``_pad_lora_weights``,
+# ``_convert_scalings_to_tensor``), so that later swaps write into the same tensors.
+PREPARE_HOTSWAP = "peft.utils.hotswap.prepare_model_for_compiled_hotswap"
+
+
+def hotswap_write(destination: torch.Tensor, value: torch.Tensor, *, conv_groups: int = 1) -> None:
+    """Write ``value`` into ``destination`` as PEFT's ``hotswap_adapter_from_state_dict`` does.
+
+    PEFT 0.21 (peft/utils/hotswap.py): equal shapes are a plain ``copy_``; a smaller ``value`` (a
+    lower rank in a tensor padded by ``prepare_model_for_compiled_hotswap``) is written into a zeroed
+    destination, at the start of dimension 0 if that one is smaller, else of dimension 1 -- for the
+    ``lora_A`` of a grouped convolution, one rank block per group
+    (``_copy_grouped_conv2d_lora_a_weights``). ``value`` must already have ``destination``'s dtype and
+    device, and fit it (the caller checked); nothing is allocated.
+    """
+    from peft.utils.hotswap import _copy_grouped_conv2d_lora_a_weights
+
+    if destination.shape == value.shape:
+        destination.copy_(value)
+    elif destination.shape[0] > value.shape[0]:
+        destination.fill_(0)
+        if conv_groups > 1:
+            _copy_grouped_conv2d_lora_a_weights(destination, value, conv_groups)
+        else:
+            destination[: value.shape[0]].copy_(value)
+    else:
+        destination.fill_(0)
+        destination[:, : value.shape[1]].copy_(value)
 
 
 def all_linear_targets(config: PeftConfig, model: nn.Module) -> PeftConfig:

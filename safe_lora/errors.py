@@ -248,15 +248,27 @@ class UnsafeAdapterError(SafeLoraError, ValueError):
 
 
 class AdapterMergeError(SafeLoraError, ValueError):
-    """``merge=True`` was asked for an adapter whose tuner cannot be merged into the base weights.
+    """``merge=True`` was asked for an adapter that cannot be merged into the base weights as it computes.
+
+    Raised before anything is merged: the tuner cannot merge at all, one of its layers fails to, or a
+    layer's weight is shared with other modules (tied embeddings) in a way the merged model could
+    not keep apart once saved and reloaded.
 
     Attributes:
         peft_type: The tuner's PEFT type, e.g. ``"IA3"`` or ``"PROMPT_TUNING"``.
+        layer: The qualified name of the layer that fails, e.g.
+            ``"base_model.model.lm_head"``; ``None`` when the tuner cannot merge at all.
+        tied_modules: For a shared weight, the names of every module sharing it (in the base model,
+            sorted), e.g. ``["lm_head", "model.embed_tokens"]``; empty otherwise.
     """
 
-    def __init__(self, message: str, *, peft_type: str) -> None:
+    def __init__(
+        self, message: str, *, peft_type: str, layer: str | None = None, tied_modules: Sequence[str] = ()
+    ) -> None:
         super().__init__(message)
         self.peft_type = peft_type
+        self.layer = layer
+        self.tied_modules = sorted(tied_modules)
 
 
 class _AdapterNameError(SafeLoraError):

@@ -287,7 +287,14 @@ REFUSED_REPLACEMENTS = [
         r"configs differ in r: loaded 4, new 2.*new adapter_name",
     ),
     ("missing key", {}, _drop_key, AdapterWeightsError, r"missing 1 key.*fc1\.lora_A\.weight"),
-    ("other targets", {"target_modules": ["fc2"]}, None, AdapterWeightsError, r"fc2\.lora_A\.weight"),
+    (
+        "other targets",
+        {"target_modules": ["fc2"]},
+        None,
+        AdapterConfigError,
+        r"configs differ in targets: loaded adapts 1 module\(s\), new 1 "
+        r"\(only new: \[fc2\], only loaded: \[fc1\]\)",
+    ),
     ("dora", {"use_dora": True}, None, AdapterConfigError, r"use_dora: loaded False, new True"),
 ]
 

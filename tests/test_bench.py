@@ -33,7 +33,7 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert "| measurement | ratio median | min\u2013max | bar | ok |" in lines
     rows = [line for line in lines if line.startswith("| ") and "measurement" not in line]
-    assert len(rows) == 15, proc.stdout  # 7 + bf16 load time and memory + 6 serving rows
+    assert len(rows) == 16, proc.stdout  # 7 + bf16 load time and memory + 7 serving rows
     assert all(line.count("|") == 6 for line in rows)
 
     results = json.loads(out.read_text())

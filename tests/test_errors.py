@@ -36,6 +36,19 @@ def test_weights_error_sorts_its_keys() -> None:
     assert list(err.wrong_dtypes.items()) == [("k1", "BOOL"), ("k2", "I32")]
 
 
+def test_merge_error_names_the_layer_and_the_tied_modules() -> None:
+    plain = errors.AdapterMergeError("m", peft_type="IA3")
+    assert (plain.peft_type, plain.layer, plain.tied_modules) == ("IA3", None, [])
+    tied = errors.AdapterMergeError(
+        "m",
+        peft_type="LORA",
+        layer="base_model.model.lm_head",
+        tied_modules=["model.embed_tokens", "lm_head"],
+    )
+    assert tied.layer == "base_model.model.lm_head"
+    assert tied.tied_modules == ["lm_head", "model.embed_tokens"]
+
+
 def test_config_error_sorts_its_fields() -> None:
     assert errors.AdapterConfigError("m", fields=["r", "lora_alpha"]).fields == ["lora_alpha", "r"]
     assert errors.AdapterConfigError("m").fields == []
