@@ -351,7 +351,8 @@ def _read(found: AdapterOnDisk, name: str, limit: int, error: Any, code: str) ->
 def _weights_error(where: str) -> Any:
     def error(found: str, hint: str) -> AdapterWeightsError:
         return AdapterWeightsError(
-            f"Adapter weights unreadable: {where!r} {found} — expected the file save_pretrained writes — {hint}.",
+            f"Adapter weights unreadable: {where!r} {found} — expected the file save_pretrained writes — "
+            f"{hint}.",
             path=where,
         )
 
@@ -440,7 +441,8 @@ def _check_pin(found: AdapterOnDisk, options: DiskOptions, name: str) -> None:
                 AdapterIntegrityError(
                     f"Adapter file does not match its pinned digest: {found.source.where(name)!r} has sha256 "
                     f"{file.sha256} — expected {expected} (expected_sha256=) — the file was "
-                    f"changed or replaced; load the reviewed file, or update the pin if the change is intended.",
+                    "changed or replaced; load the reviewed file, or update the pin if the change is "
+                    "intended.",
                     path=found.source.where(name),
                     expected=expected,
                     actual=file.sha256,
@@ -631,7 +633,9 @@ def _long_fields(raw: Mapping[str, Any], weights_bytes: int | None) -> dict[str,
                 found[where] = len(value)
                 continue
             items = value.items() if isinstance(value, dict) else enumerate(value)
-            stack.extend((f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]", v) for k, v in items)
+            stack.extend(
+                (f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]", v) for k, v in items
+            )
     return dict(sorted(found.items()))
 
 
@@ -711,7 +715,8 @@ def _weights_file(found: AdapterOnDisk, options: DiskOptions, special: Mapping[s
                         f"{source.where(PICKLE_NAME)!r} ({size} bytes): the adapter has no "
                         f"{SAFETENSORS_NAME}, and loading a pickle can run arbitrary code — expected "
                         f"safetensors weights — ask for a safetensors copy, re-save it with "
-                        f"save_pretrained(safe_serialization=True), or pass allow_pickle=True (--allow-pickle) "
+                        "save_pretrained(safe_serialization=True), or pass allow_pickle=True "
+                        "(--allow-pickle) "
                         f"if you trust its source.",
                         path=source.where(PICKLE_NAME),
                     ),
@@ -722,8 +727,10 @@ def _weights_file(found: AdapterOnDisk, options: DiskOptions, special: Mapping[s
                     Finding.refusal(
                         "not-a-file",
                         AdapterWeightsError(
-                            f"Adapter weights unreadable: {source.where(PICKLE_NAME)!r} is {special[PICKLE_NAME]} — "
-                            f"expected the regular file save_pretrained writes — replace it with the adapter's "
+                            f"Adapter weights unreadable: {source.where(PICKLE_NAME)!r} is "
+                            f"{special[PICKLE_NAME]} — "
+                            "expected the regular file save_pretrained writes — replace it with the "
+                            "adapter's "
                             f"real {PICKLE_NAME}.",
                             path=source.where(PICKLE_NAME),
                         ),
@@ -737,7 +744,8 @@ def _weights_file(found: AdapterOnDisk, options: DiskOptions, special: Mapping[s
                 "warning",
                 "pickle-only",
                 f"Pickle weights only: {PICKLE_NAME} ({size} bytes) and no {SAFETENSORS_NAME}. With "
-                f"allow_pickle=True it is loaded with torch.load(weights_only=True) — prefer a safetensors copy.",
+                "allow_pickle=True it is loaded with torch.load(weights_only=True) — prefer a safetensors "
+                "copy.",
             )
         )
         return PICKLE_NAME
@@ -745,8 +753,10 @@ def _weights_file(found: AdapterOnDisk, options: DiskOptions, special: Mapping[s
         Finding.refusal(
             "weights-missing",
             AdapterNotFoundError(
-                f"Adapter weights not found: {source.label} has no {SAFETENSORS_NAME}{_where_hub(source)} (nor "
-                f"{PICKLE_NAME}) — expected {SAFETENSORS_NAME} next to {CONFIG_NAME} — re-save the adapter with "
+                f"Adapter weights not found: {source.label} has no {SAFETENSORS_NAME}{_where_hub(source)} "
+                "(nor "
+                f"{PICKLE_NAME}) — expected {SAFETENSORS_NAME} next to {CONFIG_NAME} — re-save the adapter "
+                "with "
                 f"save_pretrained, or upload or copy its weights file too.",
                 path=source.where(SAFETENSORS_NAME),
             ),
@@ -798,7 +808,8 @@ def _check_tensors(found: AdapterOnDisk, options: DiskOptions) -> None:
             Finding.refusal(
                 "no-tensors",
                 AdapterWeightsError(
-                    f"Adapter weights empty: expected the adapter's tensors in {where!r}, found none — re-save "
+                    f"Adapter weights empty: expected the adapter's tensors in {where!r}, found none — "
+                    "re-save "
                     f"the adapter with save_pretrained.",
                     path=where,
                 ),
@@ -816,7 +827,8 @@ def _check_tensors(found: AdapterOnDisk, options: DiskOptions) -> None:
                 AdapterWeightsError(
                     f"Adapter weights hold {'only ' if all_empty else ''}empty tensors in {where!r}: "
                     f"{_fmt_keys(f'{k} {list(header[k].shape)}' for k in empty)} — expected every tensor to "
-                    f"hold values (a DeepSpeed ZeRO-3 run saves shape-[0] placeholders unless the weights are "
+                    "hold values (a DeepSpeed ZeRO-3 run saves shape-[0] placeholders unless the weights "
+                    "are "
                     f"gathered) — re-save with the weights gathered (e.g. "
                     f"stage3_gather_16bit_weights_on_model_save=true, or save from the unwrapped model).",
                     path=where,
@@ -833,10 +845,12 @@ def _check_tensors(found: AdapterOnDisk, options: DiskOptions) -> None:
             Finding.refusal(
                 "config-oversized",
                 AdapterConfigError(
-                    f"Adapter config claims more than its weights can back in {found.source.where(CONFIG_NAME)!r}: "
+                    "Adapter config claims more than its weights can back in "
+                    f"{found.source.where(CONFIG_NAME)!r}: "
                     f"layer_replication builds {depth:,} layers, and the weights file holds {len(header):,} "
                     f"tensors — expected at most one replicated layer per tensor (each replicated layer is a "
-                    f"module the adapter's targets select again, to be filled by the file) — re-save the adapter, "
+                    "module the adapter's targets select again, to be filled by the file) — re-save the "
+                    "adapter, "
                     f"or fix 'layer_replication'.",
                     path=found.source.where(CONFIG_NAME),
                     fields=["layer_replication"],
@@ -864,7 +878,8 @@ def _check_tensors(found: AdapterOnDisk, options: DiskOptions) -> None:
             Finding.refusal(
                 "nonfinite",
                 AdapterWeightsError(
-                    f"Adapter weights hold NaN or inf in {where!r}: {_fmt_keys(bad_values)} — expected finite "
+                    f"Adapter weights hold NaN or inf in {where!r}: {_fmt_keys(bad_values)} — expected "
+                    "finite "
                     f"values — the adapter's training diverged; use an earlier checkpoint.",
                     path=where,
                     nonfinite_keys=bad_values,
@@ -1146,7 +1161,7 @@ def key_findings(
     other findings are about missing or unexpected keys, errors only with ``strict``.
     """
     peft_type = peft_type_name(config)
-    keyed = "error" if strict else "warning"
+    keyed: Severity = "error" if strict else "warning"
     if config.is_prompt_learning:
         unknown = sorted(set(header) - _PROMPT_KEYS)
         if not unknown:
@@ -1155,7 +1170,8 @@ def key_findings(
             _key_finding(
                 keyed,
                 "unknown-keys",
-                f"Keys do not fit the {peft_type} config in {where!r}: expected only {sorted(_PROMPT_KEYS)}, found {_fmt_keys(unknown)} — re-save the adapter with save_pretrained.",
+                f"Keys do not fit the {peft_type} config in {where!r}: expected only {sorted(_PROMPT_KEYS)}, "
+                f"found {_fmt_keys(unknown)} — re-save the adapter with save_pretrained.",
                 unknown,
                 where,
                 unexpected=unknown,
@@ -1190,7 +1206,8 @@ def key_findings(
             Finding.refusal(
                 "rank-mismatch",
                 AdapterWeightsError(
-                    f"LoRA rank does not fit the config in {where!r}: expected {expected}, found {detail}{more} "
+                    f"LoRA rank does not fit the config in {where!r}: expected {expected}, found "
+                    f"{detail}{more} "
                     f"— the config and the weights come from different adapters; re-save the adapter, or fix "
                     f"'r' / 'rank_pattern'.",
                     path=where,

@@ -140,7 +140,7 @@ class ParsedConfig:
         """Unknown fields whose values mean "absent": safe to drop, with a warning (sorted)."""
         return sorted(k for k, v in self.unknown.items() if means_absent(v))
 
-    def unknown_message(self, path: Path) -> str:
+    def unknown_message(self, path: str | os.PathLike[str]) -> str:
         """The refusal for :attr:`refused`, naming the fields and both PEFT versions."""
         saved = f" (the adapter was saved by peft {self.saved_by})" if self.saved_by else ""
         shown = ", ".join(f"{k}={self.unknown[k]!r}" for k in self.refused[:10])
@@ -153,7 +153,7 @@ class ParsedConfig:
             f"or remove the fields from adapter_config.json if you know they are obsolete."
         )
 
-    def ignored_message(self, path: Path) -> str:
+    def ignored_message(self, path: str | os.PathLike[str]) -> str:
         """The warning for :attr:`ignored`, naming the fields."""
         return (
             f"Adapter config fields unknown to peft {installed_peft()} were ignored in "
@@ -247,7 +247,7 @@ def wrong_types(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str
     return dict(sorted(bad.items()))
 
 
-def parse_config(raw: dict[str, Any], *, path: Path) -> ParsedConfig:
+def parse_config(raw: dict[str, Any], *, path: str | os.PathLike[str]) -> ParsedConfig:
     """Build the PEFT config from a parsed ``adapter_config.json`` the way ``from_pretrained`` does.
 
     The same steps as ``PeftConfig.from_pretrained`` (``runtime_config`` dropped, ``check_kwargs``,
@@ -340,7 +340,7 @@ def read_config(folder: Path) -> PeftConfig:
     return parsed.config
 
 
-def nonfinite_message(path: Path, fields: list[str]) -> str:
+def nonfinite_message(path: str | os.PathLike[str], fields: list[str]) -> str:
     """The refusal for non-finite numbers in the config, naming the fields."""
     return (
         f"Adapter config holds non-finite numbers in {os.fspath(path)!r}: {_fmt_keys(fields)} — "

@@ -153,7 +153,9 @@ def resolve_patterns(
         # select nothing on this model are dropped, in linear time, and the rest kept as written --
         # except that up to 10 of them stay when none selects anything, so that PEFT says what it
         # says of such a list ("Target modules {...} not found"), naming them.
-        suffixes = {".".join(parts[i:]) for n in names if n for parts in [n.split(".")] for i in range(len(parts))}
+        suffixes = {
+            ".".join(parts[i:]) for n in names if n for parts in [n.split(".")] for i in range(len(parts))
+        }
         for name in lists:
             value = getattr(config, name)
             kept = [entry for entry in value if entry in suffixes] or list(value)[:10]

@@ -604,7 +604,11 @@ def literal_lists(config: PeftConfig) -> list[str]:
     """The fields of ``config`` that are lists (or sets) of module names PEFT matches as dotted suffixes."""
     if peft_type_name(config) in _NOT_MATCHED:
         return []
-    return [name for name in _LITERAL_LISTS if isinstance(getattr(config, name, None), (list, set, frozenset, tuple))]
+    return [
+        name
+        for name in _LITERAL_LISTS
+        if isinstance(getattr(config, name, None), (list, set, frozenset, tuple))
+    ]
 
 
 def pattern_fields(config: PeftConfig) -> list[tuple[PatternField, str]]:

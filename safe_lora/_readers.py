@@ -167,7 +167,10 @@ def read_bounded(path: Path, *, max_bytes: int, error: Callable[[str, str], Exce
     finally:
         os.close(fd)
     if size > max_bytes:
-        raise error(f"is larger than {_size(max_bytes)}", "re-save the adapter with save_pretrained (its files stay far below this bound)")
+        raise error(
+            f"is larger than {_size(max_bytes)}",
+            "re-save the adapter with save_pretrained (its files stay far below this bound)",
+        )
     return FileBytes.of(path, b"".join(chunks))
 
 

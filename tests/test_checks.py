@@ -10,11 +10,11 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from conftest import assert_unchanged, save_adapter, snapshot, tiny_llama
 
 from safe_lora import inspect_adapter, load_for_inference
 from safe_lora._checks import nonfinite_keys
 from safe_lora.errors import AdapterConfigError
-from conftest import assert_unchanged, save_adapter, snapshot, tiny_llama
 
 
 def _tensor(values: list[float], dtype: torch.dtype) -> torch.Tensor:

@@ -117,13 +117,17 @@ VARIANTS: dict[str, Callable[[], PeftConfig]] = {
     # Regular expressions, which safe_lora resolves to explicit names under a time bound before PEFT
     # sees the config (safe_lora._patterns): the model must be the one PEFT's own matching gives.
     "regex-targets": lora(target_modules=r".*\.(q|v)_proj"),
-    "regex-exclude": lora(target_modules=["q_proj", "v_proj", "o_proj"], exclude_modules=r".*\.0\.self_attn\.o_proj"),
+    "regex-exclude": lora(
+        target_modules=["q_proj", "v_proj", "o_proj"], exclude_modules=r".*\.0\.self_attn\.o_proj"
+    ),
     "regex-rank-alpha": lora(
         rank_pattern={r"^model\.layers\.1\.self_attn\.v_proj": 2, "q_proj": 6},
         alpha_pattern={r"layers\.0\.self_attn\.q_proj": 4},
     ),
     "layers-pattern": lora(layers_to_transform=[1], layers_pattern="layers"),
-    "replication-regex": lora(layer_replication=[[0, 2], [1, 2]], target_modules=r".*layers\.[23]\..*(q|v)_proj"),
+    "replication-regex": lora(
+        layer_replication=[[0, 2], [1, 2]], target_modules=r".*layers\.[23]\..*(q|v)_proj"
+    ),
     # PEFT refuses a dropout rate on a targeted parameter ("lora.ParamWrapper does not work with
     # lora_dropout != 0").
     "target-parameters": lora(target_modules=[], target_parameters=["q_proj.weight"], lora_dropout=0.0),

@@ -46,8 +46,12 @@ def _pristine() -> dict[str, peft.PeftConfig]:
         "lora-tokens": peft.LoraConfig(r=4, trainable_token_indices=[1, 2], **lora),
         "prompt": peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
         "prefix": peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
-        "p-tuning": peft.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8, task_type="CAUSAL_LM"),
-        "multitask": peft.MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=2, task_type="CAUSAL_LM"),
+        "p-tuning": peft.PromptEncoderConfig(
+            num_virtual_tokens=4, encoder_hidden_size=8, task_type="CAUSAL_LM"
+        ),
+        "multitask": peft.MultitaskPromptTuningConfig(
+            num_virtual_tokens=4, num_tasks=2, task_type="CAUSAL_LM"
+        ),
         "adaption": peft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"),
         "vera": peft.VeraConfig(r=4, **lora),
         "loha": peft.LoHaConfig(r=4, **lora),
@@ -72,7 +76,11 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("lora-layer-replication", "lora", {"layer_replication": [[0, 4]] * 300}),
     ("lora-target-list", "lora", {"target_modules": [f"m{i}" for i in range(150_000)] + TARGETS}),
     ("lora-target-list-long", "lora", {"target_modules": [f"m{i}" for i in range(2_000_000)] + TARGETS}),
-    ("multitask-source-file", "multitask", {"prompt_tuning_init": "AVERAGE_SOURCE_TASKS", "prompt_tuning_init_state_dict_path": "/dev/zero"}),
+    (
+        "multitask-source-file",
+        "multitask",
+        {"prompt_tuning_init": "AVERAGE_SOURCE_TASKS", "prompt_tuning_init_state_dict_path": "/dev/zero"},
+    ),
     ("lora-token-indices", "lora-tokens", {"trainable_token_indices": list(range(2, 60_000))}),
     ("lora-token-indices-long", "lora-tokens", {"trainable_token_indices": list(range(2, 500_000))}),
     ("prompt-virtual-tokens", "prompt", {"num_virtual_tokens": 2_000_000}),
@@ -120,10 +128,19 @@ HARMLESS = {
     "p-tuning-hidden",
     *(
         f"pattern-{f}-re"
-        for f in ("exclude_modules", "rank_pattern", "alpha_pattern", "modules_to_save", "n_frequency_pattern")
+        for f in (
+            "exclude_modules",
+            "rank_pattern",
+            "alpha_pattern",
+            "modules_to_save",
+            "n_frequency_pattern",
+        )
     ),
 }
-EXTRA = {"pattern-layers_pattern-regex": {"layers_to_transform": [0]}, "pattern-layers_pattern-re": {"layers_to_transform": [0]}}
+EXTRA = {
+    "pattern-layers_pattern-regex": {"layers_to_transform": [0]},
+    "pattern-layers_pattern-re": {"layers_to_transform": [0]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +168,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for case_id, source, fields in CASES:
         folder = root / case_id
         folder.mkdir()
-        (folder / "adapter_model.safetensors").write_bytes((pristine[source] / "adapter_model.safetensors").read_bytes())
+        (folder / "adapter_model.safetensors").write_bytes(
+            (pristine[source] / "adapter_model.safetensors").read_bytes()
+        )
         raw = json.loads((pristine[source] / "adapter_config.json").read_text())
         raw.update(EXTRA.get(case_id, {}))
         raw.update(fields)
@@ -187,7 +206,9 @@ def test_a_hostile_config_costs_nothing(results: dict[str, Any], case_id: str, c
         assert result["outcome"] is False, "inspect with the base says it loads safely"
 
 
-@pytest.mark.parametrize("case_id", [c[0] for c in CASES if c[0].startswith("pattern-") and c[0].endswith("-regex")])
+@pytest.mark.parametrize(
+    "case_id", [c[0] for c in CASES if c[0].startswith("pattern-") and c[0].endswith("-regex")]
+)
 def test_a_pattern_that_does_not_finish_is_named(results: dict[str, Any], case_id: str) -> None:
     field = case_id.removeprefix("pattern-").removesuffix("-regex")
     result = results[case_id]["load"]

@@ -32,9 +32,9 @@ from safe_lora import (
     AdapterReport,
     Finding,
     SafeLoraError,
+    UnsafeAdapterError,
     inspect_adapter,
     load_for_inference,
-    UnsafeAdapterError,
 )
 
 pytestmark = [

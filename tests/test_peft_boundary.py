@@ -16,10 +16,8 @@ from pathlib import Path
 
 import peft
 import pytest
-import torch
 from _tuners import TUNERS, make_base
 from packaging.specifiers import SpecifierSet
-from peft import get_peft_model_state_dict
 
 import safe_lora._peft as boundary
 from safe_lora._fit import expected_state
@@ -31,7 +29,8 @@ PACKAGE = Path(boundary.__file__).parent
 def test_the_installed_peft_is_the_tested_release() -> None:
     assert peft.__version__ in SpecifierSet(boundary.TESTED_PEFT)
     declared = [r for r in importlib.metadata.requires("safe-lora") or [] if r.startswith("peft")]
-    assert declared and all(SpecifierSet(boundary.TESTED_PEFT) == SpecifierSet(r.removeprefix("peft")) for r in declared)
+    assert declared
+    assert all(SpecifierSet(boundary.TESTED_PEFT) == SpecifierSet(r.removeprefix("peft")) for r in declared)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +50,9 @@ def test_the_private_names_safe_lora_uses_exist(owner: type, name: str) -> None:
         present = hasattr(boundary.tuner_class("ADAPTION_PROMPT"), name)
     if name == "_active_adapter":  # an instance attribute every tuner layer sets in __init__
         layer = boundary.tuner_class("LORA").tuner_layer_cls
-        present = "_active_adapter" in Path(peft.tuners.tuners_utils.__file__).read_text() and layer is not None
+        present = (
+            "_active_adapter" in Path(peft.tuners.tuners_utils.__file__).read_text() and layer is not None
+        )
     assert present, f"peft {peft.__version__} no longer has {owner.__name__}.{name}"
 
 
@@ -65,9 +66,13 @@ def test_only_the_boundary_imports_past_peft_s_top_level() -> None:
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("peft."):
                 offenders.append(f"{path.name}: from {node.module} import ...")
             if isinstance(node, ast.ImportFrom) and node.module == "peft":
-                offenders.extend(f"{path.name}: from peft import {a.name}" for a in node.names if a.name.startswith("_"))
+                offenders.extend(
+                    f"{path.name}: from peft import {a.name}" for a in node.names if a.name.startswith("_")
+                )
             if isinstance(node, ast.Import):
-                offenders.extend(f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("peft."))
+                offenders.extend(
+                    f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("peft.")
+                )
     assert offenders == []
 
 
@@ -86,9 +91,9 @@ def test_no_http_client_and_no_hub_internals() -> None:
             for module in modules:
                 assert module.split(".")[0] not in clients, (path.name, module)
                 assert not module.startswith("huggingface_hub.file_download"), (path.name, module)
-                assert not any(part.startswith("_") for part in module.split(".")[1:]) or not module.startswith(
-                    "huggingface_hub"
-                ), (path.name, module)
+                assert not any(
+                    part.startswith("_") for part in module.split(".")[1:]
+                ) or not module.startswith("huggingface_hub"), (path.name, module)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +134,9 @@ def test_structural_rates_and_task_classes_exist() -> None:
 
 
 def test_the_pattern_fields_are_fields_of_peft_configs() -> None:
-    fields = {f.name for t in boundary.known_peft_types() for f in dataclasses.fields(boundary.config_class(t))}
+    fields = {
+        f.name for t in boundary.known_peft_types() for f in dataclasses.fields(boundary.config_class(t))
+    }
     for spec in boundary.PATTERN_FIELDS:
         if spec.name != "*_pattern":
             assert spec.name in fields, spec.name
@@ -141,7 +148,8 @@ def test_only_loras_prepare_model_changes_the_structure() -> None:
         t
         for t in boundary.known_peft_types()
         if (cls := boundary.tuner_class(t)) is not None
-        and getattr(cls, "_prepare_model", boundary.BaseTuner._prepare_model) is not boundary.BaseTuner._prepare_model
+        and getattr(cls, "_prepare_model", boundary.BaseTuner._prepare_model)
+        is not boundary.BaseTuner._prepare_model
     }
     assert overriding <= {"LORA", "XLORA", "ADALORA"}, overriding
     # AdaLoRA's tuner subclasses LoRA's and inherits its _prepare_model unchanged.
