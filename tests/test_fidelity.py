@@ -134,6 +134,9 @@ VARIANTS: dict[str, Callable[[], PeftConfig]] = {
 }
 
 
+# The variants whose replicas share their base weights (merged into own copies: see check_merge).
+REPLICATIONS = ("layer-replication", "replication-regex")
+
 # Every other tuner of PEFT_TYPE_TO_CONFIG_MAPPING, sized for the tiny Llama, every dropout rate
 # non-zero; compared through load_for_inference on the fp32 base (test_every_tuner_...).
 TUNERS: dict[str, Callable[[], PeftConfig]] = {
@@ -426,7 +429,7 @@ RAW_BROKEN: dict[Key, tuple[str, type[BaseException]]] = {
         for loader in ("inference", "training")
     },
     **{
-        (kind, "layer-replication", "merge"): (
+        (kind, replication, "merge"): (
             "raw PEFT merges the LoRA of each replica of a layer into the one quantized weight the replicas "
             "share (replicate_layers, peft/tuners/tuners_utils.py), so every replica gets every delta; "
             "safe_lora would copy the weight apart first, but a quantized weight cannot be copied exactly: "
@@ -434,6 +437,7 @@ RAW_BROKEN: dict[Key, tuple[str, type[BaseException]]] = {
             AdapterMergeError,
         )
         for kind in BNB
+        for replication in REPLICATIONS
     },
     **{
         (kind, "kasa", f"{loader}[low_cpu_mem_usage=True]"): (
@@ -538,7 +542,7 @@ def check_merge(lab: Lab, cell: Cell) -> None:
         path = cell.path(lab)
         torch.manual_seed(SEED)
         ref = PeftModel.from_pretrained(lab.base(cell.kind), str(path), **cell.options)
-        if cell.adapter == "layer-replication" and cell.kind not in BNB:  # bnb: refused (RAW_BROKEN)
+        if cell.adapter in REPLICATIONS and cell.kind not in BNB:  # bnb: refused (RAW_BROKEN)
             ref = own_weights(ref)
         ref = ref.merge_and_unload().eval()
     torch.manual_seed(SEED)
