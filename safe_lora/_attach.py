@@ -61,6 +61,7 @@ from safe_lora._peft import (
     rewrites_base,
     shapes_config,
 )
+from safe_lora._readers import dtype_name
 from safe_lora._rollback import Snapshot, holds_quantized
 from safe_lora._source import CONFIG_NAME
 from safe_lora._unwrap import base_of
@@ -149,7 +150,7 @@ def inject_checked(
         AdapterWeightsError: The file's keys, shapes or dtypes do not fit what PEFT creates.
     """
     where = adapter.source.where(CONFIG_NAME)
-    header = _compared_header(target, adapter, config, options)
+    header, renamed_from = _compared_header(target, adapter, config, options)
     findings: list[Finding] = []
     # The strictest way the tuner's injection can run (see INJECTION_MODES); when PEFT fails there, a
     # less strict one: a meta-only failure (a value read, an op without a meta kernel) then succeeds,
@@ -188,7 +189,13 @@ def inject_checked(
                     snapshot.restore()
                     continue
             findings += fit_findings(
-                header, expected, where=adapter.weights_path, strict=strict, vocab_size=_vocab(target)
+                header,
+                expected,
+                where=adapter.weights_path,
+                strict=strict,
+                vocab_size=_vocab(target),
+                key_mapping=options.key_mapping,
+                renamed_from=renamed_from,
             )
             raise_first(findings)
         except BaseException:
@@ -230,12 +237,13 @@ def _key_mapping(target: nn.Module, config: PeftConfig, options: AttachOptions) 
 
 def _compared_header(
     target: nn.Module, adapter: AdapterOnDisk, config: PeftConfig, options: AttachOptions
-) -> dict[str, Any]:
-    """The file's header under the keys PEFT will load them as (a key mapping applied)."""
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's header under the keys PEFT will load them as (a key mapping applied), and for
+    each key the caller's ``key_mapping=`` renamed, the file's own key (empty without one)."""
     mapping = _key_mapping(target, config, options)
     if not mapping:
-        return dict(adapter.header)
-    renamed, unprefixed = remap_keys(adapter.header, mapping)  # type: ignore[arg-type]
+        return dict(adapter.header), {}
+    renamed, unprefixed = remap_keys(adapter.header, mapping)
     if unprefixed:
         raise AdapterWeightsError(
             f"Adapter weights cannot be renamed by key_mapping= in {adapter.weights_path!r}: "
@@ -244,7 +252,10 @@ def _compared_header(
             path=adapter.weights_path,
             unexpected_keys=unprefixed,
         )
-    return renamed
+    if options.key_mapping is None:  # the model's own conversion mapping: not the caller's to fix
+        return renamed, {}
+    originals = remap_keys({k: k for k in adapter.header}, mapping)[0]
+    return renamed, {new: old for new, old in originals.items() if new != old}
 
 
 def _inject(
@@ -642,7 +653,12 @@ def _recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
 class _Misfit(Exception):
     """A file key would land where it must not, or does not fit, before anything is written."""
 
-    def __init__(self, landed: list[str], wrong_dtype: list[str], mismatched: list[str]) -> None:
+    def __init__(
+        self,
+        landed: list[str],
+        wrong_dtype: dict[str, str],
+        mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    ) -> None:
         super().__init__("misfit")
         self.landed = landed
         self.wrong_dtype = wrong_dtype
@@ -691,7 +707,9 @@ def _guarded_load(
         before()  # e.g. the real quantized weights back, shielded from the key-mapping walk
         report.calls += 1
         keep: dict[str, Any] = {}
-        landed, wrong_dtype, mismatched = [], [], []
+        landed: list[str] = []
+        wrong_dtype: dict[str, str] = {}  # key -> the file's dtype, safetensors' spelling
+        mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # key -> (file, model)
         unplaced: list[str] = []
         placed: set[str] = set()
         for key, value in state_dict.items():
@@ -709,10 +727,10 @@ def _guarded_load(
                 snapshot.backup(tensor)
             elif isinstance(value, torch.Tensor):
                 if value.is_floating_point() != tensor.is_floating_point() and tensor.device.type != "meta":
-                    wrong_dtype.append(shown)
+                    wrong_dtype[shown] = dtype_name(value.dtype)
                     continue
                 if tuple(value.shape) != tuple(tensor.shape):
-                    mismatched.append(shown)
+                    mismatched[shown] = (tuple(value.shape), tuple(tensor.shape))
                     continue
             keep[key] = value
             report.loaded_ids.add(id(tensor))
@@ -730,7 +748,7 @@ def _guarded_load(
         with intercept_load_state_dict(peft_model, load_state_dict):
             yield report
     except _Misfit as misfit:
-        keys = sorted(misfit.landed + misfit.wrong_dtype + misfit.mismatched)
+        keys = sorted([*misfit.landed, *misfit.wrong_dtype, *misfit.mismatched])
         raise AdapterWeightsError(
             f"Adapter weights do not fit this model in {adapter.weights_path!r}: {_fmt_keys(keys)} would "
             "land in "
@@ -738,7 +756,8 @@ def _guarded_load(
             "save_pretrained.",
             path=adapter.weights_path,
             unexpected_keys=misfit.landed,
-            wrong_dtypes={k: "?" for k in misfit.wrong_dtype},
+            mismatched_keys=misfit.mismatched,
+            wrong_dtypes=misfit.wrong_dtype,
         ) from misfit
     except (RuntimeError, KeyError) as exc:
         # PEFT could not place a file key (a modules_to_save weight missing from the file, a shape

@@ -1197,7 +1197,7 @@ def key_findings(
     findings = []
     if scan.rank_errors:
         detail = "; ".join(f"{k}: rank {found}" for k, (found, _) in sorted(scan.rank_errors.items())[:10])
-        more = f"; ... ({len(scan.rank_errors) - 10} more)" if len(scan.rank_errors) > 10 else ""
+        more = f"; and {len(scan.rank_errors) - 10} more" if len(scan.rank_errors) > 10 else ""
         rank_pattern = getattr(config, "rank_pattern", None)
         expected = f"r={getattr(config, 'r', None)}" + (
             f" (rank_pattern {rank_pattern})" if rank_pattern else ""

@@ -144,7 +144,7 @@ class ParsedConfig:
         """The refusal for :attr:`refused`, naming the fields and both PEFT versions."""
         saved = f" (the adapter was saved by peft {self.saved_by})" if self.saved_by else ""
         shown = ", ".join(f"{k}={self.unknown[k]!r}" for k in self.refused[:10])
-        more = f", ... ({len(self.refused) - 10} more)" if len(self.refused) > 10 else ""
+        more = f", and {len(self.refused) - 10} more" if len(self.refused) > 10 else ""
         return (
             f"Adapter config has fields the installed peft {installed_peft()} does not know in "
             f"{os.fspath(path)!r}: {shown}{more}{saved} — expected only fields peft "

@@ -262,7 +262,7 @@ def live(found: Sequence[Found]) -> list[DropoutSite]:
 def _fmt_sites(sites: Sequence[DropoutSite], limit: int = 10) -> str:
     lines = [f"  - {site.describe()}" for site in sites[:limit]]
     if len(sites) > limit:
-        lines.append(f"  ... ({len(sites) - limit} more)")
+        lines.append(f"  and {len(sites) - limit} more")
     return "\n".join(lines)
 
 

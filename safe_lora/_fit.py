@@ -86,6 +86,8 @@ def fit_findings(
     where: str,
     strict: bool,
     vocab_size: int | None = None,
+    key_mapping: Mapping[str, str] | None = None,
+    renamed_from: Mapping[str, str] | None = None,
 ) -> list[Finding]:
     """The file's keys, shapes and dtypes against what the model expects.
 
@@ -98,6 +100,9 @@ def fit_findings(
         where: The weights file, for messages.
         strict: Whether missing or unexpected keys refuse the load.
         vocab_size: The model's vocabulary size, to recognise embeddings resized during training.
+        key_mapping: The caller's ``key_mapping=``, when one renamed the header's keys: keys that
+            then fit nothing are the mapping's to fix, and the refusal says so.
+        renamed_from: For each header key the mapping renamed, the file's own key.
     """
     missing = sorted((set(expected.shapes) | expected.deferred) - set(header))
     unexpected = sorted(k for k in header if not expected.known(k))
@@ -148,6 +153,8 @@ def fit_findings(
         parts.append(f"{len(unexpected)} unexpected key(s) nothing consumes: {_fmt_keys(unexpected)}")
     if not strict:
         return [Finding("warning", "keys-partial", "; ".join(parts), tuple(missing + unexpected))]
+    if key_mapping is not None:
+        return [_mapping_refusal(key_mapping, renamed_from or {}, missing, unexpected, where=where)]
     error = AdapterWeightsError(
         f"Adapter weights do not match the config in {where!r}: {'; '.join(parts)} — a partial adapter "
         f"silently does less than it should — re-save the adapter, check that it belongs to this base "
@@ -158,6 +165,30 @@ def fit_findings(
     )
     code = "missing-keys" if missing else "unexpected-keys"
     return [Finding.refusal(code, error, missing + unexpected)]
+
+
+def _mapping_refusal(
+    key_mapping: Mapping[str, str],
+    renamed_from: Mapping[str, str],
+    missing: list[str],
+    unexpected: list[str],
+    *,
+    where: str,
+) -> Finding:
+    """Keys that fit nothing once the caller's ``key_mapping=`` renamed them: named as the file has them."""
+    unmapped = sorted(renamed_from.get(key, key) for key in unexpected)
+    shown = _fmt_keys(f"{renamed_from[k]} -> {k}" if k in renamed_from else k for k in unexpected)
+    wanted = f" (e.g. {missing[0]})" if missing else ""
+    error = AdapterWeightsError(
+        f"Adapter weights do not fit this model after key_mapping={dict(key_mapping)!r} in {where!r}: "
+        f"{len(unexpected)} file key(s) name no tensor of the model once renamed: {shown} — expected "
+        f"key_mapping to rename the file's keys onto the adapter's keys on this model{wanted} — fix "
+        f"key_mapping=, or drop it if the adapter was saved from this model's architecture.",
+        path=where,
+        missing_keys=missing,
+        unexpected_keys=unmapped,
+    )
+    return Finding.refusal("key-mapping", error, unmapped)
 
 
 def _is_float(dtype: str) -> bool:

@@ -15,6 +15,7 @@ of the config copy, every module's mode, ``requires_grad``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -96,6 +97,8 @@ def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
         elif key in _ATTACH_KWARGS:
             if key == "torch_device" and value is not None:
                 _check_device(value)
+            if key == "key_mapping" and value is not None:
+                _check_key_mapping(value)
             if value is not None:
                 setattr(options.attach, key, dict(value) if key == "key_mapping" else value)
         elif key in _DISPATCH_KWARGS:
@@ -131,6 +134,25 @@ def _split_kwargs(peft_kwargs: dict[str, Any]) -> _Options:
 # --------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_key_mapping(value: object) -> None:
+    """``key_mapping=`` as PEFT reads it: ``{regular expression: replacement}``, each pattern valid."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TypeError(
+            f"key_mapping= must be a dict of {{pattern: replacement}} strings, found {value!r} — pass e.g. "
+            f"{{'^model.language_model': 'model'}}."
+        )
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(
+                f"key_mapping= holds an invalid regular expression {pattern!r}: {exc} — expected what "
+                f"Python's re accepts (PEFT applies each with re.subn) — fix the pattern."
+            ) from exc
 
 
 def _check_device(value: Any) -> None:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import peft
 import torch
@@ -94,6 +94,8 @@ __all__ = [
     "switches_layer_by_layer",
     "tuner_class",
 ]
+
+_V = TypeVar("_V")
 
 # The PEFT releases safe_lora is tested with; pyproject.toml declares the same range.
 TESTED_PEFT = ">=0.21,<0.22"
@@ -337,9 +339,7 @@ def intercept_load_state_dict(
         peft_model.__dict__.pop("load_state_dict", None)
 
 
-def remap_keys(
-    tensors: Mapping[str, torch.Tensor], key_mapping: Mapping[str, str]
-) -> tuple[dict[str, torch.Tensor], list[str]]:
+def remap_keys(tensors: Mapping[str, _V], key_mapping: Mapping[str, str]) -> tuple[dict[str, _V], list[str]]:
     """The file's keys renamed by ``key_mapping`` as ``load_peft_weights(key_mapping=...)`` renames them.
 
     PEFT 0.21 (peft/utils/save_and_load.py, ``load_peft_weights``) strips the ``base_model.model.``
@@ -351,7 +351,7 @@ def remap_keys(
         ``(renamed, unprefixed)``: the tensors under their new keys, and the keys that have neither
         prefix (left out of ``renamed``), sorted.
     """
-    renamed: dict[str, torch.Tensor] = {}
+    renamed: dict[str, _V] = {}
     unprefixed: list[str] = []
     for key, value in tensors.items():
         prefix = next((p for p in (SAVED_PREFIX, TUNER_PREFIX) if key.startswith(p)), None)

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Union
 
 from safe_lora._readers import FileBytes, read_bounded
+from safe_lora._source import SIGNATURE_NAME  # the adapter's file names live with the source
 from safe_lora.errors import AdapterIntegrityError
 
 if TYPE_CHECKING:
@@ -40,9 +41,6 @@ __all__ = [
     "verify_signed_digests",
     "verifying_config",
 ]
-
-#: The file name of the signature beside the adapter's files (model_signing's default).
-SIGNATURE_NAME = "model.sig"
 
 #: What ``signed_by=`` accepts: the path of a PEM elliptic-curve public key, or a
 #: ``model_signing.verifying.Config`` (a key, a certificate chain or a Sigstore identity).

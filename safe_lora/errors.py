@@ -45,7 +45,7 @@ def _fmt_keys(keys: Iterable[str], limit: int = 10) -> str:
     ordered = sorted(keys)
     shown = ", ".join(ordered[:limit])
     if len(ordered) > limit:
-        shown += f", ... ({len(ordered) - limit} more)"
+        shown += f", and {len(ordered) - limit} more"
     return shown
 
 

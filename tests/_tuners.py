@@ -10,6 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import pytest
 import torch
 from conftest import make_mlp, tiny_llama
 from peft import PeftConfig
@@ -215,3 +216,30 @@ TUNERS: list[Tuner] = [
     _t("cpt", "CPT", cpt_token_ids=[1, 2, 3], cpt_mask=[1, 1, 1], cpt_tokens_type_mask=[1, 2, 3]),
     _t("cartridge", "CARTRIDGE", num_virtual_tokens=4),
 ]
+
+
+# The tuners the quick tier runs per-tuner tests on: one of each kind of layer, state and save
+# format (LoRA on Llama, an MLP and convolutions; rank-adaptive; vectors; Kronecker; shared
+# projections; sparse indices; tokens; prompts). The slow tier runs them all.
+QUICK_TUNERS = frozenset(
+    {
+        "lora",
+        "lora-mlp",
+        "lora-conv",
+        "adalora",
+        "ia3",
+        "lokr",
+        "vera",
+        "shira",
+        "trainable-tokens",
+        "prompt-tuning",
+        "adaption-prompt",
+    }
+)
+
+
+def tuner_params(tuners: list[Tuner]) -> list[Any]:
+    """``tuners`` as pytest params, each outside :data:`QUICK_TUNERS` marked ``slow``."""
+    return [
+        pytest.param(t, id=t.id, marks=[] if t.id in QUICK_TUNERS else [pytest.mark.slow]) for t in tuners
+    ]

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import torch
-from _tuners import TUNERS, Base, Tuner, make_base, output
+from _tuners import TUNERS, Base, Tuner, make_base, output, tuner_params
 from conftest import A_KEY, B_KEY, CONFIG, PICKLE, SAFETENSORS, assert_unchanged, save_adapter, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -204,6 +204,16 @@ class Verdict:
     inspect_ok: bool | None = None
 
 
+# A refusal is read in a terminal: at most a screen (80 columns x 25 lines), not counting the paths
+# it names (a temporary folder's path is long; a user's is what it is).
+SCREEN = 80 * 25
+
+
+def assert_fits_a_screen(exc: BaseException, folder: Path) -> None:
+    text = str(exc).replace(str(folder.resolve()), "F").replace(str(folder), "F")
+    assert len(text) <= SCREEN, f"a {len(text)}-character message: {text[:300]}..."
+
+
 def run_everywhere(folder: Path, kind: Base, **kwargs: Any) -> Verdict:
     """Run ``folder`` through inspect and both loaders, holding each to the contract.
 
@@ -239,6 +249,7 @@ def run_everywhere(folder: Path, kind: Base, **kwargs: Any) -> Verdict:
                     loaded = loader(model, folder, **kwargs)
                 except SafeLoraError as exc:
                     assert_unchanged(model, before)
+                    assert_fits_a_screen(exc, folder)
                     verdict.errors[name] = exc
                     loaded = None
             verdict.warnings[name] = [w.category for w in caught]
@@ -917,7 +928,7 @@ def _noop_warned(path: Path, tuner: Tuner) -> tuple[bool, torch.nn.Module]:
     return any(issubclass(w.category, NoOpAdapterWarning) for w in caught), model
 
 
-@pytest.mark.parametrize("tuner", TUNERS, ids=[t.id for t in TUNERS])
+@pytest.mark.parametrize("tuner", tuner_params(TUNERS))
 def test_real_adapters_raise_no_false_alarm_and_noop_is_sound(tmp_path: Path, tuner: Tuner) -> None:
     if not tuner.available:
         pytest.skip(f"{tuner.peft_type} needs {tuner.needs}")
@@ -957,3 +968,29 @@ def test_real_adapters_raise_no_false_alarm_and_noop_is_sound(tmp_path: Path, tu
         warned, model = _noop_warned(path, tuner)
         assert warned
         assert torch.equal(output(model, tuner.base, **tuner.forward_kwargs), base_output)
+
+
+@pytest.mark.parametrize(
+    ("trained_on", "loaded_into", "error", "attribute"),
+    [
+        ({"hidden_size": 32}, {"hidden_size": 48}, AdapterWeightsError, "mismatched_keys"),
+        ({"num_hidden_layers": 24}, {"num_hidden_layers": 12}, AdapterWeightsError, "unexpected_keys"),
+    ],
+    ids=["336-shapes", "168-strays"],
+)
+def test_a_refusal_of_a_large_adapter_fits_a_screen(
+    tmp_path: Path, trained_on: dict[str, int], loaded_into: dict[str, int], error: type, attribute: str
+) -> None:
+    """A 24-layer all-linear adapter into the wrong base: hundreds of keys, ten shown, all in the error."""
+    from conftest import tiny_llama
+
+    layers = {"num_hidden_layers": 24, "num_attention_heads": 4, "num_key_value_heads": 4}
+    config = LoraConfig(r=4, target_modules="all-linear")
+    folder = save_adapter(tiny_llama(**{**layers, **trained_on}), config, tmp_path / "adapter")
+    model = tiny_llama(**{**layers, **loaded_into})
+    before = snapshot(model)
+    with pytest.raises(error, match=r"and \d+ more") as refused:
+        load_for_inference(model, folder)
+    assert_unchanged(model, before)
+    assert_fits_a_screen(refused.value, folder)
+    assert len(getattr(refused.value, attribute)) >= 168

@@ -680,3 +680,64 @@ def test_a_low_cpu_mem_usage_load_that_leaves_meta_tensors_is_refused(tmp_path: 
         load_for_inference(model, path, low_cpu_mem_usage=True)
     assert_unchanged(model, before)
     assert isinstance(load_for_inference(model, path), PeftModel)  # PEFT's default path loads it
+
+
+# --------------------------------------------------------------------------------------------------
+# key_mapping=
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_key_mapping_that_renames_correctly_loads_as_peft(tmp_path: Path) -> None:
+    """A checkpoint saved with other module names, renamed by key_mapping= as PEFT renames it."""
+    base = tiny_llama()
+    folder = save_adapter(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path / "a", train_steps=1
+    )
+    renamed = {
+        k.replace(".layers.", ".blocks."): v
+        for k, v in load_file(folder / "adapter_model.safetensors").items()
+    }
+    save_file(renamed, folder / "adapter_model.safetensors")
+    mapping = {r"model\.blocks": "model.layers"}
+    ref = PeftModel.from_pretrained(copy.deepcopy(base), str(folder), key_mapping=mapping).eval()
+    ours = load_for_inference(copy.deepcopy(base), folder, key_mapping=mapping)
+    for (key, value), (ref_key, ref_value) in zip(
+        ours.state_dict().items(), ref.state_dict().items(), strict=True
+    ):
+        assert key == ref_key
+        assert torch.equal(value, ref_value), key
+
+
+def test_a_key_mapping_that_leaves_keys_unmapped_is_named(tmp_path: Path) -> None:
+    base = tiny_llama()
+    folder = save_adapter(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path / "a")
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(
+        AdapterWeightsError, match=r"after key_mapping=.*q_proj.*-> .*query.* fix key_mapping="
+    ) as err:
+        load_for_inference(model, folder, key_mapping={"q_proj": "query"})
+    assert_unchanged(model, before)
+    # The file's own keys, as the user can find them in the file.
+    assert len(err.value.unexpected_keys) == 4
+    assert all(".q_proj." in key for key in err.value.unexpected_keys)
+    assert all(".q_proj." in key for key in err.value.missing_keys)
+
+
+@pytest.mark.parametrize(
+    ("mapping", "error", "match"),
+    [
+        ({"(": "x"}, ValueError, r"key_mapping= holds an invalid regular expression '\('"),
+        ([("a", "b")], TypeError, r"key_mapping= must be a dict"),
+        ({"a": 1}, TypeError, r"key_mapping= must be a dict"),
+    ],
+)
+def test_a_malformed_key_mapping_is_refused_by_name(
+    tmp_path: Path, mapping: object, error: type[Exception], match: str
+) -> None:
+    base = tiny_llama()
+    folder = save_adapter(base, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a")
+    before = snapshot(base)
+    with pytest.raises(error, match=match):
+        load_for_inference(base, folder, key_mapping=mapping)
+    assert_unchanged(base, before)
