@@ -6,7 +6,7 @@ also runs the loaders' check against that model -- PEFT's injection on the meta 
 the weights file (:func:`safe_lora._attach.inject_checked`) -- and undoes it, so that
 ``report.loads_safely`` is exactly "the loader would accept it". A base given as a folder or hub id is
 built from its ``config.json`` on the meta device: no base weights are downloaded or allocated. A pickle
-is never opened.
+is opened only with ``allow_pickle=True``, as the loaders open it (``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations

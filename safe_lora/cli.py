@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="what is in an adapter (folder or hub repo), and would it load safely",
         description=(
             "Report an adapter's PEFT type, rank, every dropout rate, targets, base model, "
-            "weight files and tensor sizes (from the safetensors header; a pickle is never opened), "
+            "weight files and tensor sizes (from the safetensors header; a pickle is opened only with "
+            "--allow-pickle), "
             "and what would go wrong. Exit 0 when safe_lora would load it, 1 when not. A hub repo id "
             "is fetched as the loaders fetch it: adapter_config.json and adapter_model.safetensors, "
             "nothing else. On a Trainer output folder (holding checkpoint-* adapters) the checkpoints "
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="judge a pickle-only folder as load_*(allow_pickle=True) would (it is still never opened)",
+        help="judge a pickle-only folder as load_*(allow_pickle=True) would: read with "
+        "torch.load(weights_only=True), as the loaders read it",
     )
     inspect.add_argument(
         "--header-only", action="store_true", help="skip scanning the tensor values for NaN/inf"

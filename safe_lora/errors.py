@@ -116,7 +116,9 @@ def warn(message: str, category: type[Warning]) -> None:
         frame.f_lineno,
         module=module_globals.get("__name__", "<string>"),
         registry=registry,
-        module_globals=module_globals,
+        # No module_globals, as warnings.warn's C implementation passes none: with them, Python asks
+        # the frame's __loader__ for the source line, and __main__ run from stdin or -c has
+        # BuiltinImporter, which raises ImportError instead of warning.
     )
 
 

@@ -389,3 +389,22 @@ def child_auto_for_training() -> int:
     line = _line() + 1
     auto.for_training("org/adapter", base_model=c["base"], cache_dir=c["cache"])
     return line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_a_warning_from_code_without_a_file_is_a_warning(how: str) -> None:
+    """``python -c`` and a script on stdin: ``__main__`` has no source file (its loader is
+    BuiltinImporter); the warning is shown at ``<string>`` / ``<stdin>``, never an ImportError."""
+    import subprocess
+
+    code = "from safe_lora.errors import SafeLoraWarning, warn\nwarn('the message', SafeLoraWarning)\n"
+    argv = (
+        [sys.executable, "-W", "always", "-c", code] if how == "-c" else [sys.executable, "-W", "always", "-"]
+    )
+    run = subprocess.run(
+        argv, input=None if how == "-c" else code, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    where = "<string>" if how == "-c" else "<stdin>"
+    assert f"{where}:2: SafeLoraWarning: the message" in run.stderr
