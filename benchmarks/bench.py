@@ -1,9 +1,10 @@
 """safe_lora next to raw PEFT, measured side by side in one process.
 
-Run ``python benchmarks/bench.py`` (about 9 minutes on an idle 2-core machine) or ``--quick`` (a
+Run ``python benchmarks/bench.py`` (about 13 minutes on an idle 2-core machine) or ``--quick`` (a
 tiny model, to check that the script works; its timings mean nothing). Every measurement alternates
 its two sides (A B, B A, A B, ...) so that drift in machine load cancels, and reports the median of the
-per-pair ratios A/B with their min-max. The exit status is 1 when a median misses its bar.
+per-pair ratios A/B with their min-max. The exit status is 1 when a median (or a hostile config's
+absolute bar) misses its bar.
 
 Measurements, on a Llama-shaped model built from a config (no download) with a LoRA adapter
 (r=16 on every linear layer, saved with ``save_pretrained``):
@@ -22,12 +23,22 @@ Measurements, on a Llama-shaped model built from a config (no download) with a L
    ``hotswap_adapter`` (on models holding all the adapters, and on models holding one, prepared with
    PEFT's ``prepare_model_for_compiled_hotswap``, swapping adapters of other ranks and alphas), and
    ``deterministic_lora`` on a training model holding all the adapters.
+5. Loading onto a ~1B base: ``load_for_inference`` vs ``PeftModel.from_pretrained(...).eval()`` on a
+   bfloat16 model of Llama-3.2-1B's shape (1.24B parameters; built once in bf16, saved, and loaded
+   again from its folder before each load, outside the timed region), LoRA r=16 on every linear layer.
+6. The cost of refusing hostile configs (absolute, not a ratio): real PEFT-saved adapters on a small
+   Llama with one field of ``adapter_config.json`` edited to claim what the weights cannot back (a
+   rank, a token or task count, a list length, a backtracking pattern), each through
+   ``load_for_inference`` and ``inspect_adapter(base_model=...)`` in one spawned process: wall time,
+   peak RSS growth, whether it was refused and that the model is unchanged. Bars: < 5 s and
+   < 256 MiB per call. Raw PEFT is not run on them (it would allocate GBs, or never finish).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import importlib
 import json
@@ -69,11 +80,15 @@ class ModelSpec:
     num_key_value_heads: int
     vocab_size: int
     max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
 
 
 FULL_MODEL = ModelSpec(768, 2048, 12, 12, 12, 32000)  # ~134M parameters
 TINY_MODEL = ModelSpec(64, 128, 2, 4, 4, 256, 128)
 SERVING_MODEL = ModelSpec(256, 512, 8, 8, 8, 1024, 128)  # the model of issue 12
+# Llama-3.2-1B's shape (tied embeddings, grouped-query attention): 1.24B parameters, 2.5 GB in bf16.
+LLAMA_1B = ModelSpec(2048, 8192, 16, 32, 8, 128256, tie_word_embeddings=True)
+HOSTILE_MODEL = ModelSpec(512, 1376, 4, 8, 8, 1000)  # the base of tests/test_hostile.py
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,9 @@ class Settings:
     adapters: int  # how many adapters section 4 adds one by one
     serving_pairs: int
     switch_pairs: int
+    big_model: ModelSpec  # section 5, built in bfloat16
+    big_pairs: int
+    hostile_model: ModelSpec  # section 6
 
 
 FULL = Settings(
@@ -107,6 +125,9 @@ FULL = Settings(
     adapters=24,
     serving_pairs=11,
     switch_pairs=30,
+    big_model=LLAMA_1B,
+    big_pairs=12,
+    hostile_model=HOSTILE_MODEL,
 )
 QUICK = Settings(
     TINY_MODEL,
@@ -122,6 +143,9 @@ QUICK = Settings(
     adapters=8,
     serving_pairs=2,
     switch_pairs=5,
+    big_model=TINY_MODEL,
+    big_pairs=2,
+    hostile_model=HOSTILE_MODEL,
 )
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -133,24 +157,47 @@ def _quiet() -> None:
     # transformers' own deprecation noise (is_gradient_checkpointing) on every PEFT wrap.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # The progress bars of transformers' save_pretrained / from_pretrained (sections 5 and 6).
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def build_base(spec: ModelSpec) -> nn.Module:
-    """The base model, from a config, with fixed weights; in eval mode as ``from_pretrained`` gives it."""
+def build_base(spec: ModelSpec, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """The base model, from a config, with fixed weights; in eval mode as ``from_pretrained`` gives it.
+
+    With ``dtype`` the model is built in that dtype directly (a 1B model never exists in float32).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    model: nn.Module = LlamaForCausalLM(LlamaConfig(**asdict(spec)))
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        model: nn.Module = LlamaForCausalLM(LlamaConfig(**asdict(spec)))
+    finally:
+        torch.set_default_dtype(previous)
     return model.eval()
 
 
-def save_adapter(base: nn.Module, folder: Path, *, lora: dict[str, Any] = LORA, seed: int = SEED + 1) -> Path:
-    """A LoRA adapter with non-zero weights (so merging changes the weights), saved by PEFT."""
+def save_adapter(
+    base: nn.Module,
+    folder: Path,
+    *,
+    lora: dict[str, Any] = LORA,
+    seed: int = SEED + 1,
+    copy_base: bool = True,
+) -> Path:
+    """A LoRA adapter with non-zero weights (so merging changes the weights), saved by PEFT.
+
+    ``copy_base=False`` wraps ``base`` itself (no second copy of a large model; ``base`` is then spent).
+    """
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     config = LoraConfig(init_lora_weights=False, **lora)
-    peft_model = get_peft_model(copy.deepcopy(base), config)
+    peft_model = get_peft_model(copy.deepcopy(base) if copy_base else base, config)
     peft_model.save_pretrained(os.fspath(folder))
     return folder
 
@@ -874,11 +921,289 @@ def bench_prepared_hotswap(settings: Settings, base: nn.Module, tmp: Path) -> Ro
 
 
 # --------------------------------------------------------------------------------------------------
+# 5. Loading onto a 1B bf16 base
+# --------------------------------------------------------------------------------------------------
+
+
+def _size_label(parameters: int) -> str:
+    return f"{parameters / 1e9:.1f}B" if parameters >= 1e8 else f"{parameters / 1e6:.1f}M"
+
+
+def bench_big_load(spec: ModelSpec, pairs: int, tmp: Path) -> Row:
+    """``load_for_inference`` vs raw PEFT on a bf16 base of Llama-3.2-1B's shape, reloaded per load.
+
+    The base is built once, directly in bf16, and saved; before each load it is loaded again from
+    that folder (outside the timed region), as a serving process gets it from ``from_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    base: Any = build_base(spec, dtype=torch.bfloat16)  # Any: save_pretrained is not nn.Module's
+    parameters = sum(p.numel() for p in base.parameters())
+    base_dir = tmp / "big-base"
+    base.save_pretrained(os.fspath(base_dir))
+    # Wraps the base itself: no second copy of a 2.5 GB model.
+    adapter = save_adapter(base, tmp / "big-adapter", copy_base=False)
+    del base
+    gc.collect()
+
+    def fresh() -> nn.Module:
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(os.fspath(base_dir), dtype=torch.bfloat16)
+        return model.eval()
+
+    probe = fresh()
+    adapter_parameters = sum(p.numel() for p in _load_raw(probe, adapter).parameters()) - parameters
+    del probe
+    size = _size_label(parameters)
+    row = Row(
+        f"load {size} bf16: load_for_inference / PeftModel.from_pretrained().eval() (time)",
+        "load_for_inference",
+        "PeftModel.from_pretrained(...).eval()",
+        "s",
+        1.00,
+        note=(
+            f"{_size_label(parameters)}-parameter Llama (hidden {spec.hidden_size}, "
+            f"{spec.num_hidden_layers} layers, vocab {spec.vocab_size}) built once in bf16 and saved; "
+            f"before each load the base is loaded again with from_pretrained(dtype=bfloat16), outside "
+            f"the timed region; LoRA r={LORA['r']} on every linear layer, "
+            f"{adapter_parameters / 1e6:.2f}M fp32 parameters; stretch goal <= 0.8"
+        ),
+    )
+
+    def timed(kind: str) -> Callable[[], float]:
+        def run() -> float:
+            model = fresh()
+            with _no_gc(collect=True):
+                start = time.perf_counter()
+                result = LOADERS[kind](model, adapter)
+                elapsed = time.perf_counter() - start
+            del result, model
+            return elapsed
+
+        return run
+
+    return alternate(pairs, timed("safe"), timed("raw"), row, best_of=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Cost of refusing hostile configs
+# --------------------------------------------------------------------------------------------------
+
+HOSTILE_SECONDS = 5.0
+HOSTILE_GROWTH_MIB = 256.0
+HOSTILE_TARGETS = ["q_proj", "v_proj"]
+# Backtracks without end in Python's re (which PEFT matches with); the regex module answers at once.
+RE_BOMB = "(.+)+!"
+# Backtracks without end in the regex module too.
+REGEX_BOMB = r"((?:\w|\.)+?)+(?=[A-Z])"
+
+# (case, the pristine adapter it edits, the one field of adapter_config.json set). Each size is chosen
+# so that paying for it would take GBs or minutes; raw PEFT is not run on them.
+HOSTILE_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("LoRA `r` = 40000", "lora", {"r": 40_000}),
+    ("LoRA `rank_pattern` = {q_proj: 400000}", "lora", {"rank_pattern": {"q_proj": 400_000}}),
+    ("LoRA `layer_replication` = [[0, 4]] x 300", "lora", {"layer_replication": [[0, 4]] * 300}),
+    (
+        "LoRA `target_modules`: 150000 made-up names + q_proj, v_proj",
+        "lora",
+        {"target_modules": [f"m{i}" for i in range(150_000)] + HOSTILE_TARGETS},
+    ),
+    (
+        "LoRA `trainable_token_indices`: 60000 entries",
+        "lora-tokens",
+        {"trainable_token_indices": list(range(2, 60_002))},
+    ),
+    ("prompt tuning `num_virtual_tokens` = 2000000", "prompt", {"num_virtual_tokens": 2_000_000}),
+    ("prefix tuning `num_layers` = 200000", "prefix", {"num_layers": 200_000}),
+    ("multitask prompt tuning `num_tasks` = 5000000", "multitask", {"num_tasks": 5_000_000}),
+    ("VeRA `r` = 400000", "vera", {"r": 400_000}),
+    (f"LoRA `target_modules` = `{RE_BOMB}`", "lora", {"target_modules": RE_BOMB}),
+    (f"LoRA `target_modules` = `{REGEX_BOMB}`", "lora", {"target_modules": REGEX_BOMB}),
+]
+HOSTILE_CALLS = ("load_for_inference", "inspect_adapter")
+
+
+def _pristine_configs() -> dict[str, Any]:
+    import peft
+
+    lora: dict[str, Any] = {"target_modules": HOSTILE_TARGETS, "task_type": "CAUSAL_LM"}
+    return {
+        "lora": peft.LoraConfig(r=4, init_lora_weights=False, **lora),
+        "lora-tokens": peft.LoraConfig(r=4, init_lora_weights=False, trainable_token_indices=[1, 2], **lora),
+        "prompt": peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+        "prefix": peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+        "multitask": peft.MultitaskPromptTuningConfig(
+            num_virtual_tokens=4, num_tasks=2, task_type="CAUSAL_LM"
+        ),
+        "vera": peft.VeraConfig(r=4, **lora),
+    }
+
+
+@dataclass
+class HostileResult:
+    """One call on one hostile adapter: what it cost and whether it refused, leaving the model as it was."""
+
+    case: str
+    call: str
+    seconds: float
+    peak_growth: float  # bytes
+    refused: bool
+    error: str | None  # an exception that is not a safe_lora error: a crash, not a refusal
+    model_unchanged: bool | None  # None: the load succeeded (and changed the model, as a load does)
+    method: str
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.seconds < HOSTILE_SECONDS
+            and self.peak_growth < HOSTILE_GROWTH_MIB * 2**20
+            and self.error is None
+            and self.model_unchanged is not False
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "peak_growth_mib": self.peak_growth / 2**20, "ok": self.ok}
+
+
+def _model_state(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
+    names = [name for name, _ in model.named_modules()]
+    tensors = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    return names, tensors
+
+
+def _same_state(model: nn.Module, state: tuple[list[str], dict[str, torch.Tensor]]) -> bool:
+    names, tensors = state
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    return (
+        [name for name, _ in model.named_modules()] == names
+        and now.keys() == tensors.keys()
+        and all(torch.equal(now[k], v) for k, v in tensors.items())
+        and not model.training
+    )
+
+
+def hostile_child(
+    cases: list[tuple[str, str]], base_dir: str, warm: str, threads: int
+) -> list[dict[str, Any]]:
+    """In one fresh process: each call on each hostile folder, with its own peak RSS growth."""
+    _quiet()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    from transformers import AutoModelForCausalLM
+
+    from safe_lora import SafeLoraError, inspect_adapter, load_for_inference
+
+    def fresh() -> nn.Module:
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(base_dir)
+        return model.eval()
+
+    # Imports and first-call caches paid on the pristine adapter, before anything is measured.
+    load_for_inference(fresh(), warm)
+    inspect_adapter(warm, base_model=fresh())
+
+    results: list[dict[str, Any]] = []
+    for case, folder in cases:
+        for call in HOSTILE_CALLS:
+            model = fresh()
+            state = _model_state(model)
+            gc.collect()
+            reset = _reset_peak()
+            before = _proc_status("VmRSS")
+            maxrss_before = _maxrss_bytes()
+            refused, error = False, None
+            start = time.perf_counter()
+            try:
+                if call == "load_for_inference":
+                    load_for_inference(model, folder)
+                else:
+                    refused = not inspect_adapter(folder, base_model=model).loads_safely
+            except SafeLoraError:
+                refused = True
+            except Exception as exc:  # a crash: reported, and fails the bar
+                error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            seconds = time.perf_counter() - start
+            peak = _proc_status("VmHWM")
+            if reset and before is not None and peak is not None:
+                growth, method = peak - before, "VmHWM after clear_refs"
+            else:
+                growth, method = max(0, _maxrss_bytes() - maxrss_before), "ru_maxrss"
+            loaded = call == "load_for_inference" and not refused and error is None
+            unchanged = None if loaded else _same_state(model, state)
+            result = HostileResult(case, call, seconds, growth, refused, error, unchanged, method)
+            results.append(result.to_json())
+            del model, state
+    return results
+
+
+def bench_hostile(spec: ModelSpec, tmp: Path, threads: int) -> tuple[list[HostileResult], str]:
+    """Every hostile folder through ``load_for_inference`` and ``inspect_adapter`` in one spawned process."""
+    import peft
+
+    root = tmp / "hostile"
+    root.mkdir()
+    base: Any = build_base(spec)
+    base.save_pretrained(os.fspath(root / "base"))
+    pristine: dict[str, Path] = {}
+    for i, (name, config) in enumerate(_pristine_configs().items()):
+        torch.manual_seed(SEED + 100 + i)
+        peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(os.fspath(root / f"pristine-{name}"))
+        pristine[name] = root / f"pristine-{name}"
+    del base
+    cases: list[tuple[str, str]] = []
+    sizes: list[int] = []
+    config_sizes: list[int] = []
+    for i, (case, source, fields) in enumerate(HOSTILE_CASES):
+        folder = root / f"case-{i}"
+        folder.mkdir()
+        weights = (pristine[source] / "adapter_model.safetensors").read_bytes()
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        raw = json.loads((pristine[source] / "adapter_config.json").read_text())
+        raw.update(fields)
+        text = json.dumps(raw)
+        (folder / "adapter_config.json").write_text(text)
+        cases.append((case, os.fspath(folder)))
+        sizes.append(len(weights) + len(text))
+        config_sizes.append(len(text))
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        args = (cases, os.fspath(root / "base"), os.fspath(pristine["lora"]), threads)
+        raw_results = pool.apply(hostile_child, args)
+    fields_kept = {f.name for f in dataclasses.fields(HostileResult)}
+    results = [HostileResult(**{k: v for k, v in r.items() if k in fields_kept}) for r in raw_results]
+    info = (
+        f"hostile adapter folders: {min(sizes) / 2**10:.0f}\u2013{max(sizes) / 2**10:.0f} KiB on disk each "
+        f"(adapter_config.json {min(config_sizes) / 2**10:.1f}\u2013{max(config_sizes) / 2**10:.0f} KiB), "
+        f"on a {spec.num_hidden_layers}-layer Llama of hidden {spec.hidden_size}; raw PEFT is not run on "
+        "them: it would allocate what the configs claim (GBs) or match a pattern without end"
+    )
+    return results, info
+
+
+def hostile_table(results: list[HostileResult]) -> str:
+    lines = ["| case | call | refused | seconds | peak growth MiB | bar ok |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if r.error is not None:
+            refused = f"**error** {r.error}"
+        elif r.refused:
+            refused = "yes"
+        else:
+            refused = "no (loaded)" if r.model_unchanged is None else "no (loads safely)"
+        if r.model_unchanged is not None:
+            refused += ", model unchanged" if r.model_unchanged else ", **model changed**"
+        cells = [r.case, r.call, refused, f"{r.seconds:.3f}", f"{r.peak_growth / 2**20:.1f}"]
+        cells.append("yes" if r.ok else "**NO**")
+        # A pipe in a pattern would split the cell.
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
 
 
-def run(settings: Settings, threads: int, log: Callable[[str], None]) -> tuple[list[Row], dict[str, Any]]:
+def run(
+    settings: Settings, threads: int, log: Callable[[str], None]
+) -> tuple[list[Row], list[HostileResult], dict[str, Any]]:
     torch.set_num_threads(threads)
     load_start = _load_average()
     with tempfile.TemporaryDirectory(prefix="safe_lora_bench_") as tmp:
@@ -920,6 +1245,12 @@ def run(settings: Settings, threads: int, log: Callable[[str], None]) -> tuple[l
         rows.extend(bench_serving(settings, Path(tmp)))
         torch.set_num_threads(threads)
         log(f"4. serving many adapters done ({_since(start)})")
+        gc.collect()
+        rows.append(bench_big_load(settings.big_model, settings.big_pairs, Path(tmp)))
+        log(f"5. {settings.big_model.hidden_size}-hidden bf16 load done ({_since(start)})")
+        gc.collect()
+        hostile, hostile_info = bench_hostile(settings.hostile_model, Path(tmp), threads)
+        log(f"6. hostile configs done ({_since(start)})")
 
     meta = {
         "model": asdict(settings.model),
@@ -940,8 +1271,9 @@ def run(settings: Settings, threads: int, log: Callable[[str], None]) -> tuple[l
         # cancel drift, but a busy machine still widens the min-max.
         "load_average_start": load_start,
         "load_average_end": _load_average(),
+        "hostile_folders": hostile_info,
     }
-    return rows, meta
+    return rows, hostile, meta
 
 
 def _load_average() -> str:
@@ -996,10 +1328,19 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    rows, meta = run(settings, threads, log)
+    rows, hostile, meta = run(settings, threads, log)
     print(table(rows))
     print()
     print(details(rows))
+    print()
+    print(
+        f"Refusing hostile configs (bars: each call < {HOSTILE_SECONDS:g} s and < "
+        f"{HOSTILE_GROWTH_MIB:g} MiB peak RSS growth; a refusal leaves the model unchanged):"
+    )
+    print()
+    print(hostile_table(hostile))
+    print()
+    print(meta["hostile_folders"])
     print()
     print(
         f"{meta['parameters'] / 1e6:.1f}M-parameter Llama, LoRA r={LORA['r']} on all linear layers; "
@@ -1010,8 +1351,13 @@ def main(argv: list[str] | None = None) -> int:
         + (" (--quick: timings not meaningful)" if args.quick else "")
     )
     if args.json is not None:
-        args.json.write_text(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
-    missed = [row for row in rows if row.ok is False]
+        results = {
+            "meta": meta,
+            "rows": [r.to_json() for r in rows],
+            "hostile": [r.to_json() for r in hostile],
+        }
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    missed = [row for row in rows if row.ok is False] + [r for r in hostile if not r.ok]
     return 1 if missed else 0
 
 

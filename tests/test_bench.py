@@ -31,15 +31,34 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
     # Anything else is a crash.
     assert proc.returncode in {0, 1}, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
-    assert "| measurement | ratio median | min\u2013max | bar | ok |" in lines
-    rows = [line for line in lines if line.startswith("| ") and "measurement" not in line]
-    assert len(rows) == 16, proc.stdout  # 7 + bf16 load time and memory + 7 serving rows
+    rows = _table(lines, "| measurement | ratio median | min\u2013max | bar | ok |")
+    # 7 + bf16 load time and memory + 7 serving rows + the big bf16 load
+    assert len(rows) == 17, proc.stdout
     assert all(line.count("|") == 6 for line in rows)
+    hostile = _table(lines, "| case | call | refused | seconds | peak growth MiB | bar ok |")
+    assert len(hostile) == 22, proc.stdout  # 11 hostile configs x (load_for_inference, inspect_adapter)
+    assert all(line.replace("\\|", "").count("|") == 7 for line in hostile)
 
     results = json.loads(out.read_text())
     assert [row["name"] for row in results["rows"]] == [line.split(" | ")[0][2:] for line in rows]
     for row in results["rows"]:
         assert row["a_values"], row["name"]  # every measurement ran, deterministic_lora included
         assert len(row["a_values"]) == len(row["b_values"])
+    assert len(results["hostile"]) == len(hostile)
+    for result in results["hostile"]:
+        assert result["error"] is None, result  # a refusal is a safe_lora error, never a crash
+        assert result["model_unchanged"] is not False, result
     # The exit code is the bars' verdict.
-    assert proc.returncode == int(any(row["ok"] is False for row in results["rows"]))
+    missed = [row["ok"] is False for row in results["rows"]] + [not r["ok"] for r in results["hostile"]]
+    assert proc.returncode == int(any(missed))
+
+
+def _table(lines: list[str], header: str) -> list[str]:
+    """The body rows of the markdown table under ``header``."""
+    assert header in lines, "\n".join(lines)
+    body = []
+    for line in lines[lines.index(header) + 2 :]:
+        if not line.startswith("| "):
+            break
+        body.append(line)
+    return body
