@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from torch import nn
 
 from safe_lora._checks import AdapterOnDisk, Finding, raise_first
 from safe_lora._fit import Expected, expected_state, fit_findings
-from safe_lora._meta import MetaTwins, on_meta, shielded
+from safe_lora._meta import MetaTwins, all_modules, on_meta, shielded
 from safe_lora._patterns import resolve_patterns
 from safe_lora._peft import (
     INJECTION_MODES,
@@ -435,12 +435,15 @@ def _load_materialized(
     if _meta_left(peft_model, snapshot):
         return None
     with _recorded_warnings() as recorded:
-        # What PEFT's default path does after creating the tensors, on the empty ones.
-        move_adapter_to_base_device(peft_model, name)
+        # What PEFT's default path does after creating the tensors, on the empty ones. Every tensor of
+        # the adapter is real now, so none sits in the adapters loaded before (whose own modules the
+        # snapshot does not walk, and which PEFT does not touch): the tuner layers that hold it are
+        # among the others.
+        move_adapter_to_base_device(snapshot.unsealed_modules(peft_model), name)
         cast_adapter_dtype(peft_model, name, autocast=options.autocast_adapter_dtype)
         with (
             loading_context(peft_model, name),
-            shielded(peft_model, holds_quantized) as unshield,
+            _shielded(peft_model, snapshot) as unshield,
             _guarded_load(
                 peft_model,
                 adapter,
@@ -463,13 +466,31 @@ def _load_materialized(
 
 def _meta_left(peft_model: nn.Module, snapshot: Snapshot) -> bool:
     """Whether any tensor the injection made is still on the meta device: a parameter or buffer, or a
-    tensor a new layer keeps in a plain attribute (FourierFT's indices)."""
+    tensor a new layer keeps in a plain attribute (FourierFT's indices). Every module is looked at,
+    the adapters loaded before included: a tensor PEFT made where the snapshot does not look is one
+    this load did not fill."""
     for module in snapshot.new_modules():
         for value in vars(module).values():
             items = value.values() if isinstance(value, dict) else (value,)
-            if any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in items):
+            if any(isinstance(v, torch.Tensor) and v.is_meta for v in items):
                 return True
-    return any(t.device.type == "meta" for t in (*peft_model.parameters(), *peft_model.buffers()))
+    for module in all_modules(peft_model):
+        for slot in (module._parameters, module._buffers):
+            if slot and any(t is not None and t.is_meta for t in slot.values()):
+                return True
+    return False
+
+
+def _shielded(peft_model: nn.Module, snapshot: Snapshot) -> AbstractContextManager[Callable[[], None]]:
+    """:func:`~safe_lora._meta.shielded` for the quantized weights, around PEFT's state-dict walk; when
+    the snapshot found no quantized weight there is nothing to shield, and no walk to make."""
+    if snapshot.quantized:
+        return shielded(peft_model, holds_quantized)
+    return nullcontext(_nothing)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _load_default(
@@ -501,7 +522,7 @@ def _load_default(
             return peft_model, recorded, []
         with (
             loading_context(peft_model, name),
-            shielded(peft_model, holds_quantized) as unshield,
+            _shielded(peft_model, snapshot) as unshield,
             _guarded_load(
                 peft_model,
                 adapter,

@@ -26,20 +26,34 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.utils._device import DeviceContext, _device_constructors
 
-__all__ = ["MetaTwins", "on_meta", "shielded", "skeleton", "twin_of"]
+__all__ = ["MetaTwins", "all_modules", "on_meta", "shielded", "skeleton", "twin_of"]
 
 
-class _MetaFactories(TorchFunctionMode):
-    """What ``torch.device("meta")`` leaves out, for code written for real tensors to run on meta ones.
+_META = torch.device("meta")
+# Everything the mode below treats specially; any other op passes straight through. The device
+# constructors are torch's own list (what ``torch.device("meta")`` redirects).
+_FACTORIES: frozenset[Any] = frozenset(_device_constructors())
+_SPECIAL: frozenset[Any] = _FACTORIES | {torch.normal, torch.Tensor.cpu}
+
+
+class _OnMeta(DeviceContext):
+    """``torch.device("meta")``, plus what it leaves out, in one torch function mode.
 
     * ``torch.normal(mean, std, size)`` goes on the meta device, as ``torch.randn`` does: torch leaves
       ``normal`` out of its device constructors (its tensor overloads take no device), so a size read
       from a config would otherwise be allocated for real.
     * ``tensor.cpu()`` of a meta tensor stays that tensor (torch cannot copy out of the meta device):
       PEFT's ``get_prompt_embedding_to_save`` ends in ``.cpu()``, and only the shape is wanted here.
+
+    One mode rather than ``torch.device("meta")`` with a second mode on top: every torch call made
+    inside (PEFT's injection makes thousands, a ``requires_grad_`` per parameter of every adapter
+    already loaded) goes through each active mode in Python, so a second one doubles that cost.
     """
+
+    def __init__(self) -> None:
+        super().__init__(_META)
 
     def __torch_function__(
         self,
@@ -48,11 +62,17 @@ class _MetaFactories(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = dict(kwargs or {})
-        if func is torch.normal and ("size" in kwargs or len(args) >= 3) and kwargs.get("device") is None:
-            kwargs["device"] = torch.device("meta")
-        elif func is torch.Tensor.cpu and args and getattr(args[0], "is_meta", False):
-            return args[0]
+        if func not in _SPECIAL:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        kwargs = dict(kwargs) if kwargs else {}
+        if func is torch.Tensor.cpu:
+            if args and getattr(args[0], "is_meta", False):
+                return args[0]
+        elif func is torch.normal:
+            if ("size" in kwargs or len(args) >= 3) and kwargs.get("device") is None:
+                kwargs["device"] = _META
+        elif kwargs.get("device") is None:
+            kwargs["device"] = _META
         return func(*args, **kwargs)
 
 
@@ -66,7 +86,7 @@ def on_meta() -> Iterator[None]:
         ...     torch.normal(mean=0.0, std=0.02, size=(5_000_000, 512)).cpu().device
         device(type='meta')
     """
-    with torch.device("meta"), _MetaFactories():
+    with _OnMeta():
         yield
 
 
@@ -132,8 +152,11 @@ class MetaTwins:
         # twin id -> (real tensor, twin, the twin's storage and version when made)
         self._real: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         made: dict[int, torch.Tensor] = {}
-        for module in model.modules():
+        real = self._real
+        for module in all_modules(model):
             for slot in _slots(module):
+                if not slot:
+                    continue
                 for name, tensor in slot.items():
                     if (
                         tensor is None
@@ -145,7 +168,7 @@ class MetaTwins:
                     if twin is None:
                         twin = twin_of(tensor)
                         made[id(tensor)] = twin
-                        self._real[id(twin)] = (tensor, twin, _storage_key(twin), twin._version)
+                        real[id(twin)] = (tensor, twin, _storage_key(twin), twin._version)
                     slot[name] = twin
 
     def is_twin(self, tensor: torch.Tensor) -> bool:
@@ -164,16 +187,43 @@ class MetaTwins:
     def restore(self, model: nn.Module) -> None:
         """Put the real tensors back wherever a twin sits in ``model``, with the ``requires_grad`` the
         twin ended with (PEFT freezes the base weights while injecting)."""
-        for module in model.modules():
+        real = self._real
+        if not real:
+            return  # nothing was swapped (e.g. no tensor ``only`` accepted): nothing to look for
+        for module in all_modules(model):
             for slot in _slots(module):
+                if not slot:
+                    continue
                 for name, tensor in slot.items():
-                    entry = self._real.get(id(tensor)) if tensor is not None else None
+                    entry = real.get(id(tensor)) if tensor is not None else None
                     if entry is None:
                         continue
-                    real, twin = entry[0], entry[1]
-                    if isinstance(real, nn.Parameter) and real.requires_grad is not twin.requires_grad:
-                        real.requires_grad_(twin.requires_grad)
-                    slot[name] = real
+                    original, twin = entry[0], entry[1]
+                    if isinstance(original, nn.Parameter) and original.requires_grad is not twin.requires_grad:
+                        original.requires_grad_(twin.requires_grad)
+                    slot[name] = original
+
+
+def all_modules(model: nn.Module) -> list[nn.Module]:
+    """``model.modules()`` as a list (each module once, parents first), walked without generators.
+
+    ``nn.Module.modules()`` nests one generator per level, so each module it yields passes through
+    every level above it; a model holding many adapters is deep and wide, and the walks here run on
+    every load. The order is the same as ``modules()``.
+    """
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found.append(module)
+        children = module._modules
+        if children:
+            stack.extend(reversed([c for c in children.values() if c is not None]))
+    return found
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -36,7 +36,7 @@ from peft.utils.constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SH
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from safe_lora._meta import on_meta, skeleton
+from safe_lora._meta import all_modules, on_meta, skeleton
 from safe_lora._unwrap import base_of
 
 __all__ = [
@@ -91,6 +91,7 @@ __all__ = [
     "set_adapters_disabled",
     "set_layer_active_adapters",
     "shapes_config",
+    "state_dict_for",
     "switches_layer_by_layer",
     "tuner_class",
 ]
@@ -195,11 +196,12 @@ def cast_adapter_dtype(peft_model: PeftModel, adapter_name: str, *, autocast: bo
         tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast)
 
 
-def move_adapter_to_base_device(model: nn.Module, adapter_name: str) -> None:
-    """Give ``adapter_name``'s tensors in every tuner layer the device and (float) dtype of the layer's
-    base weight, as PEFT's ``update_layer`` does on its default path and ``set_peft_model_state_dict``
-    after an assign load (``BaseTunerLayer._move_adapter_to_device_of_base_layer``)."""
-    for module in model.modules():
+def move_adapter_to_base_device(modules: Iterable[nn.Module], adapter_name: str) -> None:
+    """Give ``adapter_name``'s tensors in every tuner layer among ``modules`` the device and (float)
+    dtype of the layer's base weight, as PEFT's ``update_layer`` does on its default path and
+    ``set_peft_model_state_dict`` after an assign load (``BaseTunerLayer._move_adapter_to_device_of_base_layer``,
+    which leaves a layer without that adapter alone: ``modules`` need only hold those with it)."""
+    for module in modules:
         if isinstance(module, BaseTunerLayer):
             module._move_adapter_to_device_of_base_layer(adapter_name)
 
@@ -276,6 +278,57 @@ def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             else:
                 children.append((f"{key}.{child_name}" if key else child_name, child))
         stack.extend(reversed(children))
+
+
+def state_dict_for(peft_model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor] | None:
+    """``peft_model.state_dict()`` without the entries PEFT's ``get_peft_model_state_dict`` drops first
+    when asked for ``adapter_name``: the other adapters' entries of the per-adapter containers of tuner
+    layers and auxiliary wrappers (``lora_A["other"]``, ``modules_to_save["other"]``, ...).
+
+    PEFT 0.21 (peft/utils/save_and_load.py, ``get_peft_model_state_dict``) builds the whole model's
+    state dict, then drops every key that names another loaded adapter
+    (``_filter_state_dict_for_adapter_name``: ``".<other>."`` in it, or ending in ``".<other>"``) --
+    unless that leaves nothing, when it keeps them all. Every key below an entry keyed ``<other>``
+    names it, so handing PEFT the state dict without those entries (``state_dict=``) gives the same
+    result, at a cost that does not grow with the adapters already loaded. The entries are hidden
+    from their containers while ``state_dict()`` runs, and put back.
+
+    Returns:
+        The state dict, or ``None`` when PEFT must build its own: nothing to leave out, a prompt-learning
+        adapter (PEFT filters nothing then), or PEFT's filter would leave nothing of it (an adapter named
+        like a module of every key).
+    """
+    from peft.utils.save_and_load import _filter_state_dict_for_adapter_name
+
+    if peft_model.peft_config[adapter_name].is_prompt_learning:
+        return None  # PEFT filters nothing by name for prompt learning
+    unwanted = [name for name in peft_model.peft_config if name != adapter_name]
+    if not unwanted:
+        return None
+    others = set(unwanted)
+    hidden: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
+    try:
+        for _, module in base_modules(peft_model):
+            if not isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                continue
+            for child in module._modules.values():
+                if not isinstance(child, _PER_ADAPTER):
+                    continue
+                state = vars(child)
+                for slot in ("_modules", "_parameters", "_buffers"):
+                    entries = state[slot]
+                    drop = entries.keys() & others
+                    if drop:
+                        state[slot] = {k: v for k, v in entries.items() if k not in drop}
+                        hidden.append((state, slot, entries))
+        restricted: dict[str, torch.Tensor] = peft_model.state_dict()
+    finally:
+        for state, slot, entries in reversed(hidden):
+            state[slot] = entries
+    # PEFT's own filter, one key at a time: the first key it keeps settles that it keeps some.
+    if not any(_filter_state_dict_for_adapter_name({k: v}, unwanted) for k, v in restricted.items()):
+        return None
+    return restricted
 
 
 # --------------------------------------------------------------------------------------------------
@@ -656,8 +709,10 @@ def complete_deferred(peft_model: nn.Module, adapter_name: str) -> dict[str, lis
     """
     from peft.tuners.lora.variants import MontecloraLinearVariant
 
-    deferred: dict[str, list[str]] = {}
-    for name, module in peft_model.named_modules():
+    deferred: dict[nn.Module, list[str]] = {}
+    for module in all_modules(peft_model):
+        if not isinstance(module, BaseTunerLayer):
+            continue  # the attributes below are a LoRA layer's (and reading a missing one raises)
         configs = getattr(module, "_lora_monteclora_config", None)
         samplers = getattr(module, MONTECLORA_SAMPLER_ATTR, None)
         if not isinstance(configs, dict) or not isinstance(samplers, nn.ModuleDict):
@@ -669,8 +724,14 @@ def complete_deferred(peft_model: nn.Module, adapter_name: str) -> dict[str, lis
                         module, adapter_name, configs[adapter_name]
                     )
             except (RuntimeError, NotImplementedError):
-                deferred[f"{name}.{MONTECLORA_SAMPLER_ATTR}"] = _sampler_tensor_names(configs[adapter_name])
-    return deferred
+                deferred[module] = _sampler_tensor_names(configs[adapter_name])
+    if not deferred:
+        return {}
+    return {
+        f"{name}.{MONTECLORA_SAMPLER_ATTR}": deferred[module]
+        for name, module in peft_model.named_modules()
+        if module in deferred
+    }
 
 
 def _sampler_tensor_names(monteclora_config: Any) -> list[str]:

@@ -62,7 +62,8 @@ def _capture(state: dict[str, Any]) -> _Saved:
     ``.copy()`` keeps the type and is far cheaper than ``copy.copy``; most of a module's dozen
     hook and state dicts are empty and need no copy. This runs for every captured module on each load.
     """
-    return _Saved(dict(state), {k: v.copy() for k, v in state.items() if v and isinstance(v, _CONTAINERS)})
+    # isinstance first: ``bool()`` of every other value would call ``Tensor.__bool__`` and the like.
+    return _Saved(dict(state), {k: v.copy() for k, v in state.items() if isinstance(v, _CONTAINERS) and v})
 
 
 def _put_back(saved: _Saved, state: dict[str, Any]) -> None:
@@ -237,6 +238,25 @@ class Snapshot:
                 seen.add(id(module))
                 yield module
                 pending.extend(c for c in module._modules.values() if c is not None)
+
+    def unsealed_modules(self, root: nn.Module) -> list[nn.Module]:
+        """Every module under ``root`` (the captured model, or the ``PeftModel`` built around it) but
+        the existing adapters' own (sealed) subtrees: where a load's new modules and tensors are. The
+        walk costs the same however many adapters the model holds."""
+        found: list[nn.Module] = []
+        seen: set[int] = set()
+        sealed = self.sealed
+        stack = [root]
+        while stack:
+            module = stack.pop()
+            if id(module) in seen or module in sealed:
+                continue
+            seen.add(id(module))
+            found.append(module)
+            children = module._modules
+            if children:
+                stack.extend(c for c in children.values() if c is not None)
+        return found
 
     def new_tensors(self) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
         """``(module, "_parameters" or "_buffers", name, tensor)`` for every tensor the load created:
