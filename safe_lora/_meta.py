@@ -199,8 +199,9 @@ class MetaTwins:
                     if entry is None:
                         continue
                     original, twin = entry[0], entry[1]
-                    if isinstance(original, nn.Parameter) and original.requires_grad is not twin.requires_grad:
-                        original.requires_grad_(twin.requires_grad)
+                    grad = twin.requires_grad
+                    if isinstance(original, nn.Parameter) and original.requires_grad is not grad:
+                        original.requires_grad_(grad)
                     slot[name] = original
 
 

@@ -199,8 +199,9 @@ def cast_adapter_dtype(peft_model: PeftModel, adapter_name: str, *, autocast: bo
 def move_adapter_to_base_device(modules: Iterable[nn.Module], adapter_name: str) -> None:
     """Give ``adapter_name``'s tensors in every tuner layer among ``modules`` the device and (float)
     dtype of the layer's base weight, as PEFT's ``update_layer`` does on its default path and
-    ``set_peft_model_state_dict`` after an assign load (``BaseTunerLayer._move_adapter_to_device_of_base_layer``,
-    which leaves a layer without that adapter alone: ``modules`` need only hold those with it)."""
+    ``set_peft_model_state_dict`` after an assign load
+    (``BaseTunerLayer._move_adapter_to_device_of_base_layer``, which leaves a layer without that
+    adapter alone: ``modules`` need only hold those with it)."""
     for module in modules:
         if isinstance(module, BaseTunerLayer):
             module._move_adapter_to_device_of_base_layer(adapter_name)
@@ -720,8 +721,9 @@ def complete_deferred(peft_model: nn.Module, adapter_name: str) -> dict[str, lis
         if adapter_name in configs and adapter_name not in samplers:
             try:
                 with on_meta():
+                    layer: Any = module  # a LoRA Linear: the only layer PEFT gives these attributes
                     samplers[adapter_name] = MontecloraLinearVariant._create_sampler(
-                        module, adapter_name, configs[adapter_name]
+                        layer, adapter_name, configs[adapter_name]
                     )
             except (RuntimeError, NotImplementedError):
                 deferred[module] = _sampler_tensor_names(configs[adapter_name])
