@@ -415,32 +415,44 @@ def _load_materialized(
 ) -> _Loaded | None:
     """Step 2: adapter tensors allocated empty (the real ones are back), the file copied in. ``None``
     when the file does not fill every tensor the injection made: then only PEFT's own path gives PEFT's
-    values."""
+    values.
+
+    The device and dtype of each tensor are PEFT's own: its default path moves a new adapter to the
+    base layer's device and float dtype, then upcasts it (``_move_adapter_to_device_of_base_layer``,
+    ``cast_adapter_dtype``). Those two run here on empty stand-ins of the tensors, and each tensor is
+    then allocated once, where and as they left it: run on full tensors, a bf16 base's adapter would
+    be converted twice (fp32 -> bf16 -> fp32), which cost more than PEFT's whole load of a 1B model.
+    """
     peft_model, expected = injected.peft_model, injected.expected
-    made: dict[int, torch.Tensor] = {}  # a tensor two layers share is made once
+    shapes: dict[tuple[int, str, str], torch.Size] = {}
+    stand_ins: dict[int, torch.Tensor] = {}  # a tensor two layers share gets one stand-in
     for holder, slot, key, tensor in list(snapshot.new_tensors()):
-        if tensor.device.type != "meta":
+        if not tensor.is_meta:
             return None  # made by the injection from real values: PEFT's path must make it
-        real = made.get(id(tensor))
-        if real is None:
-            empty = torch.empty(tensor.shape, dtype=tensor.dtype)
-            if isinstance(tensor, nn.Parameter):
-                real = torch.Tensor._make_subclass(type(tensor), empty, tensor.requires_grad)
-                if vars(tensor):
-                    vars(real).update(vars(tensor))
-            else:
-                real = empty
-            made[id(tensor)] = real
-        getattr(holder, slot)[key] = real
+        shapes[id(holder), slot, key] = tensor.shape
+        stand_in = stand_ins.get(id(tensor))
+        if stand_in is None:
+            stand_in = stand_ins[id(tensor)] = _like(tensor, torch.empty(0, dtype=tensor.dtype))
+        getattr(holder, slot)[key] = stand_in
     if _meta_left(peft_model, snapshot):
         return None
     with _recorded_warnings() as recorded:
-        # What PEFT's default path does after creating the tensors, on the empty ones. Every tensor of
-        # the adapter is real now, so none sits in the adapters loaded before (whose own modules the
-        # snapshot does not walk, and which PEFT does not touch): the tuner layers that hold it are
-        # among the others.
+        # What PEFT's default path does after creating the tensors, on the stand-ins. None of the
+        # adapter's tensors sits in the adapters loaded before (whose own modules the snapshot does
+        # not walk, and which PEFT does not touch): the tuner layers that hold them are among the others.
         move_adapter_to_base_device(snapshot.unsealed_modules(peft_model), name)
         cast_adapter_dtype(peft_model, name, autocast=options.autocast_adapter_dtype)
+        made: dict[int, torch.Tensor] = {}
+        for holder, slot, key, stand_in in list(snapshot.new_tensors()):
+            shape = shapes.get((id(holder), slot, key))
+            if shape is None:
+                return None  # moved where it was not made: only PEFT's own path knows what it is
+            real = made.get(id(stand_in))
+            if real is None:
+                real = made[id(stand_in)] = _like(
+                    stand_in, torch.empty(shape, dtype=stand_in.dtype, device=stand_in.device)
+                )
+            getattr(holder, slot)[key] = real
         with (
             loading_context(peft_model, name),
             _shielded(peft_model, snapshot) as unshield,
@@ -464,20 +476,39 @@ def _load_materialized(
     return peft_model, [*injected.warnings, *recorded], report.dropped
 
 
+def _like(tensor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """``data`` as ``tensor`` is: a parameter of the same class and ``requires_grad``, with its
+    attributes (PEFT and bitsandbytes keep some on parameters); a plain tensor as it is."""
+    if not isinstance(tensor, nn.Parameter):
+        return data
+    made = torch.Tensor._make_subclass(type(tensor), data, tensor.requires_grad)
+    if vars(tensor):
+        vars(made).update(vars(tensor))
+    return made
+
+
 def _meta_left(peft_model: nn.Module, snapshot: Snapshot) -> bool:
     """Whether any tensor the injection made is still on the meta device: a parameter or buffer, or a
     tensor a new layer keeps in a plain attribute (FourierFT's indices). Every module is looked at,
     the adapters loaded before included: a tensor PEFT made where the snapshot does not look is one
-    this load did not fill."""
+    this load did not fill. Plain loops: this runs on every load, over every module."""
     for module in snapshot.new_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue  # torch's own modules (lora_A's Linear, ...) keep tensors in their slots only
         for value in vars(module).values():
-            items = value.values() if isinstance(value, dict) else (value,)
-            if any(isinstance(v, torch.Tensor) and v.is_meta for v in items):
-                return True
+            if isinstance(value, torch.Tensor):
+                if value.is_meta:
+                    return True
+            elif isinstance(value, dict):
+                for item in value.values():
+                    if isinstance(item, torch.Tensor) and item.is_meta:
+                        return True
     for module in all_modules(peft_model):
         for slot in (module._parameters, module._buffers):
-            if slot and any(t is not None and t.is_meta for t in slot.values()):
-                return True
+            if slot:
+                for tensor in slot.values():
+                    if tensor is not None and tensor.is_meta:
+                        return True
     return False
 
 

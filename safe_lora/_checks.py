@@ -224,6 +224,12 @@ class AdapterOnDisk:
         """What the weights file says of each tensor (empty when it was not read)."""
         return self.weights.header if self.weights is not None else {}
 
+    def release_weight_bytes(self) -> None:
+        """Drop the weights file's bytes once its tensors are parsed (digests stay): a load that
+        hands PEFT the parsed tensors would otherwise hold the file twice."""
+        if self.weights is not None and self.weights_name in self.files:
+            self.files[self.weights_name].release()
+
     @property
     def weights_path(self) -> str:
         """The weights file's location, for messages and error attributes."""

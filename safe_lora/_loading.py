@@ -273,6 +273,10 @@ def plan_adapter(
         )
     raise_first(adapter.findings)
     emit(adapter.findings)
+    if not options.attach.dispatch:
+        # Only PEFT's own device-map loading reads the file again (from a private copy of its bytes);
+        # every other path loads the parsed tensors.
+        adapter.release_weight_bytes()
     assert adapter.config is not None
     prepared = prepared_copy(adapter.config, dropout=dropout, inference_mode=not training)
     if options.ephemeral_gpu_offload is not None:
