@@ -55,6 +55,7 @@ from safe_lora._peft import (
     loading_context,
     module_names_matched,
     move_adapter_to_base_device,
+    other_adapters_hidden,
     peft_model_class,
     peft_type_name,
     remap_keys,
@@ -161,7 +162,9 @@ def inject_checked(
     for mode in modes[modes.index(first) :]:
         if mode == "real-base":
             _protect_in_place_targets(target, config, snapshot)
-        twins = MetaTwins(target) if mode != "real-base" else None
+        # The adapters already loaded keep their own tensors: injecting another one neither reads nor
+        # writes them (the requires_grad PEFT flips on them is the snapshot's to put back).
+        twins = MetaTwins(target, skip=snapshot.sealed) if mode != "real-base" else None
         try:
             with _recorded_warnings() as recorded:
                 try:
@@ -174,7 +177,7 @@ def inject_checked(
                             low_cpu=mode != "meta",
                             options=options,
                         )
-                    built_later = complete_deferred(peft_model, name)
+                    built_later = complete_deferred(peft_model, name, skip=snapshot.sealed)
                     deferred = tuple(f"{prefix}." for prefix in built_later)
                     expected = expected_state(peft_model, name, file_keys=set(header))
                     expected.deferred = {
@@ -424,35 +427,38 @@ def _load_materialized(
     be converted twice (fp32 -> bf16 -> fp32), which cost more than PEFT's whole load of a 1B model.
     """
     peft_model, expected = injected.peft_model, injected.expected
-    shapes: dict[tuple[int, str, str], torch.Size] = {}
+    # Where the new tensors sit, found once: PEFT's move and upcast replace entries, never add any.
+    positions = [(getattr(holder, slot), key, tensor) for holder, slot, key, tensor in snapshot.new_tensors()]
     stand_ins: dict[int, torch.Tensor] = {}  # a tensor two layers share gets one stand-in
-    for holder, slot, key, tensor in list(snapshot.new_tensors()):
+    for entries, key, tensor in positions:
         if not tensor.is_meta:
             return None  # made by the injection from real values: PEFT's path must make it
-        shapes[id(holder), slot, key] = tensor.shape
         stand_in = stand_ins.get(id(tensor))
         if stand_in is None:
             stand_in = stand_ins[id(tensor)] = _like(tensor, torch.empty(0, dtype=tensor.dtype))
-        getattr(holder, slot)[key] = stand_in
+        entries[key] = stand_in
     if _meta_left(peft_model, snapshot):
         return None
     with _recorded_warnings() as recorded:
         # What PEFT's default path does after creating the tensors, on the stand-ins. None of the
         # adapter's tensors sits in the adapters loaded before (whose own modules the snapshot does
         # not walk, and which PEFT does not touch): the tuner layers that hold them are among the others.
-        move_adapter_to_base_device(snapshot.unsealed_modules(peft_model), name)
-        cast_adapter_dtype(peft_model, name, autocast=options.autocast_adapter_dtype)
+        with other_adapters_hidden(peft_model, name):
+            move_adapter_to_base_device(snapshot.unsealed_modules(peft_model), name)
+            cast_adapter_dtype(peft_model, name, autocast=options.autocast_adapter_dtype)
         made: dict[int, torch.Tensor] = {}
-        for holder, slot, key, stand_in in list(snapshot.new_tensors()):
-            shape = shapes.get((id(holder), slot, key))
-            if shape is None:
-                return None  # moved where it was not made: only PEFT's own path knows what it is
+        reals: list[torch.Tensor] = []
+        for entries, key, tensor in positions:
+            stand_in = entries.get(key)
+            if stand_in is None or stand_in.numel():
+                return None  # not where it was made: only PEFT's own path knows what it is
             real = made.get(id(stand_in))
             if real is None:
                 real = made[id(stand_in)] = _like(
-                    stand_in, torch.empty(shape, dtype=stand_in.dtype, device=stand_in.device)
+                    stand_in, torch.empty(tensor.shape, dtype=stand_in.dtype, device=stand_in.device)
                 )
-            getattr(holder, slot)[key] = real
+            entries[key] = real
+            reals.append(real)
         with (
             loading_context(peft_model, name),
             _shielded(peft_model, snapshot) as unshield,
@@ -467,7 +473,7 @@ def _load_materialized(
             ) as report,
         ):
             set_peft_model_state_dict(peft_model, tensors, adapter_name=name)
-    unfilled = [t for _, _, _, t in snapshot.new_tensors() if id(t) not in report.loaded_ids]
+    unfilled = [t for t in reals if id(t) not in report.loaded_ids]
     # Keys PEFT saves along and ignores when loading (an embedding wrapper's duplicates) may land
     # nowhere; a key of the adapter's own, or of structure PEFT builds later, may not.
     nowhere = [k for k in report.nowhere if k not in expected.optional]
@@ -489,9 +495,9 @@ def _like(tensor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 def _meta_left(peft_model: nn.Module, snapshot: Snapshot) -> bool:
     """Whether any tensor the injection made is still on the meta device: a parameter or buffer, or a
-    tensor a new layer keeps in a plain attribute (FourierFT's indices). Every module is looked at,
-    the adapters loaded before included: a tensor PEFT made where the snapshot does not look is one
-    this load did not fill. Plain loops: this runs on every load, over every module."""
+    tensor a new layer keeps in a plain attribute (FourierFT's indices). Every module is looked at
+    but the adapters loaded before (an injection does not build into them): a tensor PEFT made where
+    the snapshot does not look is one this load did not fill. Plain loops: this runs on every load."""
     for module in snapshot.new_modules():
         if not isinstance(module, BaseTunerLayer):
             continue  # torch's own modules (lora_A's Linear, ...) keep tensors in their slots only
@@ -503,7 +509,7 @@ def _meta_left(peft_model: nn.Module, snapshot: Snapshot) -> bool:
                 for item in value.values():
                     if isinstance(item, torch.Tensor) and item.is_meta:
                         return True
-    for module in all_modules(peft_model):
+    for module in all_modules(peft_model, skip=snapshot.sealed):
         for slot in (module._parameters, module._buffers):
             if slot:
                 for tensor in slot.values():

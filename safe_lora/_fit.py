@@ -23,7 +23,7 @@ from torch import nn
 
 from safe_lora._checks import Finding
 from safe_lora._meta import on_meta
-from safe_lora._peft import EMBEDDING_LAYER_NAMES, SAVED_PREFIX, BaseTunerLayer, state_dict_for
+from safe_lora._peft import EMBEDDING_LAYER_NAMES, SAVED_PREFIX, BaseTunerLayer, other_adapters_hidden
 from safe_lora._readers import TensorInfo, dtype_name
 from safe_lora.errors import AdapterWeightsError, BaseModelMismatchWarning, _fmt_keys
 
@@ -64,20 +64,17 @@ def expected_state(peft_model: PeftModel, adapter_name: str, *, file_keys: set[s
     beyond the adapter's own: that walks the model a second time.
     """
     # on_meta: PEFT's prompt-learning path ends in `.cpu()`, which a meta tensor cannot do.
-    with warnings.catch_warnings(), on_meta():
+    # The other adapters hidden: what PEFT would drop first, at a cost that does not grow with them.
+    with warnings.catch_warnings(), on_meta(), other_adapters_hidden(peft_model, adapter_name):
         warnings.simplefilter("ignore")  # "Could not identify embedding layer(s)": irrelevant here
-        # The other adapters' entries left out up front: what PEFT would drop first (see state_dict_for).
-        source = state_dict_for(peft_model, adapter_name)
-        state = get_peft_model_state_dict(
-            peft_model, state_dict=source, adapter_name=adapter_name, save_embedding_layers=False
-        )
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
         expected = Expected(
             {k: tuple(v.shape) for k, v in state.items()},
             {k: v.is_floating_point() for k, v in state.items()},
         )
         if file_keys - set(expected.shapes):
             full = get_peft_model_state_dict(
-                peft_model, state_dict=source, adapter_name=adapter_name, save_embedding_layers=True
+                peft_model, adapter_name=adapter_name, save_embedding_layers=True
             )
             expected.optional = set(full) - set(expected.shapes)
     return expected

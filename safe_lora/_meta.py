@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import Any
 
@@ -136,6 +137,9 @@ class MetaTwins:
     Args:
         model: The model whose tensors to swap.
         only: Swap only the tensors this accepts (default: all).
+        skip: Modules whose subtrees are left as they are (the adapters already loaded, whose tensors
+            an injection of another adapter neither reads nor writes): the walks then cost the same
+            however many adapters the model holds.
 
     Example:
         >>> model = nn.Linear(2, 3)
@@ -148,12 +152,19 @@ class MetaTwins:
         True
     """
 
-    def __init__(self, model: nn.Module, *, only: Callable[[torch.Tensor], bool] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        only: Callable[[torch.Tensor], bool] | None = None,
+        skip: AbstractSet[nn.Module] = frozenset(),
+    ) -> None:
         # twin id -> (real tensor, twin, the twin's storage and version when made)
         self._real: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        self._skip = skip
         made: dict[int, torch.Tensor] = {}
         real = self._real
-        for module in all_modules(model):
+        for module in all_modules(model, skip=skip):
             for slot in _slots(module):
                 if not slot:
                     continue
@@ -190,7 +201,7 @@ class MetaTwins:
         real = self._real
         if not real:
             return  # nothing was swapped (e.g. no tensor ``only`` accepted): nothing to look for
-        for module in all_modules(model):
+        for module in all_modules(model, skip=self._skip):
             for slot in _slots(module):
                 if not slot:
                     continue
@@ -205,8 +216,9 @@ class MetaTwins:
                     slot[name] = original
 
 
-def all_modules(model: nn.Module) -> list[nn.Module]:
-    """``model.modules()`` as a list (each module once, parents first), walked without generators.
+def all_modules(model: nn.Module, *, skip: AbstractSet[nn.Module] = frozenset()) -> list[nn.Module]:
+    """``model.modules()`` as a list (each module once, parents first), walked without generators;
+    the subtrees of ``skip`` left out.
 
     ``nn.Module.modules()`` nests one generator per level, so each module it yields passes through
     every level above it; a model holding many adapters is deep and wide, and the walks here run on
@@ -217,7 +229,7 @@ def all_modules(model: nn.Module) -> list[nn.Module]:
     stack = [model]
     while stack:
         module = stack.pop()
-        if id(module) in seen:
+        if id(module) in seen or (skip and module in skip):
             continue
         seen.add(id(module))
         found.append(module)

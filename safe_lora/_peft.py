@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -82,6 +83,7 @@ __all__ = [
     "layer_param_names",
     "loading_context",
     "move_adapter_to_base_device",
+    "other_adapters_hidden",
     "peft_model_class",
     "peft_type_name",
     "remap_keys",
@@ -91,7 +93,6 @@ __all__ = [
     "set_adapters_disabled",
     "set_layer_active_adapters",
     "shapes_config",
-    "state_dict_for",
     "switches_layer_by_layer",
     "tuner_class",
 ]
@@ -281,31 +282,32 @@ def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
-def state_dict_for(peft_model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor] | None:
-    """``peft_model.state_dict()`` without the entries PEFT's ``get_peft_model_state_dict`` drops first
-    when asked for ``adapter_name``: the other adapters' entries of the per-adapter containers of tuner
-    layers and auxiliary wrappers (``lora_A["other"]``, ``modules_to_save["other"]``, ...).
+@contextmanager
+def other_adapters_hidden(peft_model: PeftModel, adapter_name: str) -> Iterator[bool]:
+    """A block in which PEFT's walks see ``adapter_name``'s entries only: the other adapters' entries
+    of the per-adapter containers of tuner layers and auxiliary wrappers (``lora_A["other"]``,
+    ``modules_to_save["other"]``, ...) are hidden, and put back on exit.
 
-    PEFT 0.21 (peft/utils/save_and_load.py, ``get_peft_model_state_dict``) builds the whole model's
-    state dict, then drops every key that names another loaded adapter
+    For what PEFT computes for one adapter -- ``get_peft_model_state_dict``, the device move and dtype
+    upcast of a new adapter -- the result is the same, at a cost that does not grow with the adapters
+    already loaded. PEFT 0.21 (peft/utils/save_and_load.py, ``get_peft_model_state_dict``) builds the
+    whole model's state dict, then drops every key that names another loaded adapter
     (``_filter_state_dict_for_adapter_name``: ``".<other>."`` in it, or ending in ``".<other>"``) --
-    unless that leaves nothing, when it keeps them all. Every key below an entry keyed ``<other>``
-    names it, so handing PEFT the state dict without those entries (``state_dict=``) gives the same
-    result, at a cost that does not grow with the adapters already loaded. The entries are hidden
-    from their containers while ``state_dict()`` runs, and put back.
+    unless that leaves nothing, when it keeps them all; every key below an entry keyed ``<other>``
+    names it. An entry PEFT sets or replaces for ``adapter_name`` inside the block (an upcast
+    parameter) is kept on exit.
 
-    Returns:
-        The state dict, or ``None`` when PEFT must build its own: nothing to leave out, a prompt-learning
-        adapter (PEFT filters nothing then), or PEFT's filter would leave nothing of it (an adapter named
-        like a module of every key).
+    Yields:
+        Whether anything is hidden: not when there is nothing to hide, for a prompt-learning adapter
+        (PEFT filters nothing by name then), or when PEFT's filter would leave nothing (an adapter
+        named like a module of every key) -- then PEFT must see everything.
     """
     from peft.utils.save_and_load import _filter_state_dict_for_adapter_name
 
-    if peft_model.peft_config[adapter_name].is_prompt_learning:
-        return None  # PEFT filters nothing by name for prompt learning
     unwanted = [name for name in peft_model.peft_config if name != adapter_name]
-    if not unwanted:
-        return None
+    if not unwanted or peft_model.peft_config[adapter_name].is_prompt_learning:
+        yield False
+        return
     others = set(unwanted)
     hidden: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
     try:
@@ -316,20 +318,35 @@ def state_dict_for(peft_model: PeftModel, adapter_name: str) -> dict[str, torch.
                 if not isinstance(child, _PER_ADAPTER):
                     continue
                 state = vars(child)
-                for slot in ("_modules", "_parameters", "_buffers"):
-                    entries = state[slot]
+                # A ParameterDict also keeps its keys apart (``_keys``): hidden too, so that ``in``,
+                # ``keys()`` and ``items()`` agree with what is shown.
+                for slot in ("_modules", "_parameters", "_buffers", "_keys"):
+                    entries = state.get(slot)
+                    if not entries:
+                        continue
                     drop = entries.keys() & others
                     if drop:
                         state[slot] = {k: v for k, v in entries.items() if k not in drop}
                         hidden.append((state, slot, entries))
-        restricted: dict[str, torch.Tensor] = peft_model.state_dict()
+        # PEFT's own filter, one key at a time: the first key it keeps settles that it keeps some.
+        keeps = any(
+            _filter_state_dict_for_adapter_name({k: v}, unwanted) for k, v in peft_model.state_dict().items()
+        )
+        if not keeps:
+            _put_back(hidden)
+            hidden = []
+        yield keeps
     finally:
-        for state, slot, entries in reversed(hidden):
-            state[slot] = entries
-    # PEFT's own filter, one key at a time: the first key it keeps settles that it keeps some.
-    if not any(_filter_state_dict_for_adapter_name({k: v}, unwanted) for k, v in restricted.items()):
-        return None
-    return restricted
+        _put_back(hidden)
+
+
+def _put_back(hidden: list[tuple[dict[str, Any], str, dict[str, Any]]]) -> None:
+    for state, slot, entries in reversed(hidden):
+        shown = state[slot]
+        for key, value in shown.items():  # what PEFT set inside the block
+            if key not in entries or entries[key] is not value:
+                entries[key] = value
+        state[slot] = entries
 
 
 # --------------------------------------------------------------------------------------------------
@@ -696,7 +713,9 @@ def pattern_fields(config: PeftConfig) -> list[tuple[PatternField, str]]:
     return found
 
 
-def complete_deferred(peft_model: nn.Module, adapter_name: str) -> dict[str, list[str]]:
+def complete_deferred(
+    peft_model: nn.Module, adapter_name: str, *, skip: AbstractSet[nn.Module] = frozenset()
+) -> dict[str, list[str]]:
     """Build what PEFT defers while an adapter's tensors are on the meta device; return, for each
     module path where that cannot be done, the names of the tensors PEFT will create there.
 
@@ -711,7 +730,7 @@ def complete_deferred(peft_model: nn.Module, adapter_name: str) -> dict[str, lis
     from peft.tuners.lora.variants import MontecloraLinearVariant
 
     deferred: dict[nn.Module, list[str]] = {}
-    for module in all_modules(peft_model):
+    for module in all_modules(peft_model, skip=skip):
         if not isinstance(module, BaseTunerLayer):
             continue  # the attributes below are a LoRA layer's (and reading a missing one raises)
         configs = getattr(module, "_lora_monteclora_config", None)

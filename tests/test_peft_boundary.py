@@ -16,8 +16,11 @@ from pathlib import Path
 
 import peft
 import pytest
+import torch
 from _tuners import TUNERS, make_base
 from packaging.specifiers import SpecifierSet
+from peft.utils import get_peft_model_state_dict
+from torch import nn
 
 import safe_lora._peft as boundary
 from safe_lora._fit import expected_state
@@ -183,3 +186,43 @@ def test_injection_modes_are_the_strictest_that_work(tuner: object, training: bo
         twins.restore(base)
     needs_values = set(boundary.INJECTION_MODES) | (_TRAINING_NEEDS_VALUES if training else set())
     assert works is (t.peft_type not in needs_values)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("tuner", ["lora", "vera"])
+def test_hiding_the_other_adapters_gives_peft_s_own_answer_and_puts_every_entry_back(tuner: str) -> None:
+    # PEFT's state dict of one adapter, its device move and upcast walk every adapter loaded; with the
+    # others hidden they walk one. The answer must be PEFT's, and the containers exactly as before,
+    # but for what PEFT set for the adapter inside the block.
+    make = {
+        "lora": lambda: peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        "vera": lambda: peft.VeraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    }[tuner]
+    model = peft.get_peft_model(make_base("llama"), make(), adapter_name="a")
+    for name in ("b", "c"):
+        model.add_adapter(name, make())
+    containers = [m for m in model.modules() if isinstance(m, (nn.ModuleDict, nn.ParameterDict))]
+    before = [(c, dict(c._modules), dict(c._parameters), dict(c._buffers)) for c in containers]
+    want = get_peft_model_state_dict(model, adapter_name="b")
+
+    with boundary.other_adapters_hidden(model, "b") as hidden:
+        assert hidden
+        got = get_peft_model_state_dict(model, adapter_name="b")
+        layer = next(m for m in model.modules() if isinstance(m, boundary.BaseTunerLayer))
+        slot = next(getattr(layer, n) for n in layer.adapter_layer_names if "b" in getattr(layer, n))
+        assert sorted(slot.keys()) == ["b"]  # the others are out of sight
+        replacement = copy.deepcopy(slot["b"])
+        slot["b"] = replacement  # what PEFT's upcast does: a new entry for the adapter
+
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for container, modules, parameters, buffers in before:
+        now = (dict(container._modules), dict(container._parameters), dict(container._buffers))
+        if container is slot:
+            expected_modules = {**modules, "b": replacement} if modules else modules
+            expected_parameters = {**parameters, "b": replacement} if parameters else parameters
+            assert list(now[0]) == list(modules)
+            assert list(now[1]) == list(parameters)
+            assert now[0] == expected_modules
+            assert now[1] == expected_parameters
+        else:
+            assert now == (modules, parameters, buffers)
