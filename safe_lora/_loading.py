@@ -273,6 +273,8 @@ def plan_adapter(
         )
     raise_first(adapter.findings)
     emit(adapter.findings)
+    for file in adapter.files.values():
+        file.hash_in_background()  # for the receipt, while PEFT injects
     if not options.attach.dispatch:
         # Only PEFT's own device-map loading reads the file again (from a private copy of its bytes);
         # every other path loads the parsed tensors.

@@ -100,10 +100,11 @@ def git_blob_sha1(data: bytes) -> str:
 class FileBytes:
     """One file as read: its path and its bytes, with their sha256 computed once.
 
-    The digest of a large file is computed on a second thread while the caller goes on parsing and
-    checking (``hashlib`` releases the GIL while it hashes): on an 11 MiB adapter it takes ~6 ms, a
-    sixth of what the checks add to a load, and an unpinned load needs it only for its receipt.
-    Reading :attr:`sha256` waits for it, so a pin is still compared before anything is parsed.
+    The digest is computed when first asked for (a pin is compared before anything is parsed), or
+    on a second thread once :meth:`hash_in_background` is called: a loader that needs it only for
+    its receipt has it hashed while PEFT injects the adapter (pure Python, on one core; ``hashlib``
+    releases the GIL while it hashes). On an 11 MiB adapter that hides ~6 ms; hashed while the
+    tensors are parsed and scanned, it slowed those instead.
 
     Attributes:
         path: Where the bytes were read from.
@@ -133,6 +134,10 @@ class FileBytes:
     def sha256(self) -> str:
         return self._digest.result()
 
+    def hash_in_background(self) -> None:
+        """Start computing :attr:`sha256` on a daemon thread, for a large file not yet hashed."""
+        self._digest.start()
+
     def release(self) -> None:
         """Drop the bytes (the digest stays): a load that holds the parsed tensors needs them no more,
         and keeping them would make its peak memory one file larger than PEFT's."""
@@ -147,7 +152,7 @@ _THREADED_DIGEST_BYTES = 1 << 20
 
 
 class _Digest:
-    """The sha256 of some bytes, computed here or, for large ones, on a daemon thread."""
+    """The sha256 of some bytes, computed when asked for or, for large ones, on a daemon thread."""
 
     __slots__ = ("_data", "_thread", "_value")
 
@@ -155,6 +160,11 @@ class _Digest:
         self._value: str | None = None
         self._data: bytes | None = data
         self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        data = self._data
+        if self._thread is not None or data is None:
+            return  # hashing or hashed
         if len(data) < _THREADED_DIGEST_BYTES:
             self._run()
         else:
@@ -171,8 +181,8 @@ class _Digest:
         if self._thread is not None:
             self._thread.join()
         if self._value is None:
-            # The thread did not run to its end in this process (it was forked meanwhile): the bytes
-            # are still held, so the digest is computed here.
+            # Not asked for before, or the thread did not run to its end in this process (it was
+            # forked meanwhile): the bytes are still held, so the digest is computed here.
             self._run()
         assert self._value is not None
         return self._value
