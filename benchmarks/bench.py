@@ -1,6 +1,6 @@
 """safe_lora next to raw PEFT, measured side by side in one process.
 
-Run ``python benchmarks/bench.py`` (about 13 minutes on an idle 2-core machine) or ``--quick`` (a
+Run ``python benchmarks/bench.py`` (about 9 minutes on an idle 2-core machine) or ``--quick`` (a
 tiny model, to check that the script works; its timings mean nothing). Every measurement alternates
 its two sides (A B, B A, A B, ...) so that drift in machine load cancels, and reports the median of the
 per-pair ratios A/B with their min-max. The exit status is 1 when a median (or a hostile config's
