@@ -61,6 +61,7 @@ from safe_lora._peft import (
     remap_keys,
     rewrites_base,
     shapes_config,
+    upcast_changes,
 )
 from safe_lora._readers import dtype_name
 from safe_lora._rollback import Snapshot, holds_quantized
@@ -445,7 +446,11 @@ def _load_materialized(
         # not walk, and which PEFT does not touch): the tuner layers that hold them are among the others.
         with other_adapters_hidden(peft_model, name):
             move_adapter_to_base_device(snapshot.unsealed_modules(peft_model), name)
-            cast_adapter_dtype(peft_model, name, autocast=options.autocast_adapter_dtype)
+        # PEFT's injection already upcast the adapter (on the meta tensors the stand-ins copy): only
+        # what the move turned to half precision is left for it to do.
+        if options.autocast_adapter_dtype and upcast_changes(e[k] for e, k, _ in positions if k in e):
+            with other_adapters_hidden(peft_model, name):
+                cast_adapter_dtype(peft_model, name, autocast=True)
         made: dict[int, torch.Tensor] = {}
         reals: list[torch.Tensor] = []
         for entries, key, tensor in positions:

@@ -337,6 +337,7 @@ def _shape_evidence(base: nn.Module, config: Any, header: Mapping[str, TensorInf
         return []
     missing: set[str] = set()
     wrong: dict[str, str] = {}
+    found_at: dict[str, nn.Module] = {}  # lora_A and lora_B of one module: looked up once
     for key, entry in header.items():
         if not key.startswith(SAVED_PREFIX) or len(entry.shape) != 2:
             continue
@@ -345,11 +346,15 @@ def _shape_evidence(base: nn.Module, config: Any, header: Mapping[str, TensorInf
         if index is None or parts[index + 1 :] != ["weight"]:
             continue
         path = ".".join(p for p in parts[:index] if p != "base_layer")
-        try:
-            module = base.get_submodule(path)
-        except AttributeError:
-            missing.add(path)
-            continue
+        module = found_at.get(path)
+        if module is None:
+            if path in missing:
+                continue
+            try:
+                module = found_at[path] = base.get_submodule(path)
+            except AttributeError:
+                missing.add(path)
+                continue
         layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         if parts[index] == "lora_A":
             side, expected, found = "in_features", getattr(layer, "in_features", None), entry.shape[1]

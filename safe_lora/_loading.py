@@ -28,6 +28,7 @@ from safe_lora._checks import AdapterOnDisk, DiskOptions, Finding, emit, raise_f
 from safe_lora._config import prepared_copy, structural_overrides
 from safe_lora._fit import evidence_findings
 from safe_lora._merge import merge as merge_adapter
+from safe_lora._meta import all_modules
 from safe_lora._peft import BaseTunerLayer, peft_type_name
 from safe_lora._provenance import record, record_merged, summarise
 from safe_lora._rollback import Snapshot, rollback_on_error
@@ -430,9 +431,10 @@ def _set_mode(model: nn.Module, *, training: bool) -> None:
     # "mixed tree" this library exists to prevent.
     model.train(training)
     if not training:
-        for param in model.parameters():
-            if param.requires_grad:  # reading is cheap; the setter is not
-                param.requires_grad_(False)
+        for module in all_modules(model):  # flat: parameters() nests a generator per level
+            for param in module._parameters.values():
+                if param is not None and param.requires_grad:  # reading is cheap; the setter is not
+                    param.requires_grad_(False)
 
 
 @overload

@@ -95,6 +95,7 @@ __all__ = [
     "shapes_config",
     "switches_layer_by_layer",
     "tuner_class",
+    "upcast_changes",
 ]
 
 _V = TypeVar("_V")
@@ -195,6 +196,14 @@ def cast_adapter_dtype(peft_model: PeftModel, adapter_name: str, *, autocast: bo
     tuner: Any = peft_model.base_model
     if hasattr(tuner, "_cast_adapter_dtype"):
         tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast)
+
+
+def upcast_changes(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether :func:`cast_adapter_dtype` could change any of ``tensors``: PEFT 0.21's
+    ``cast_adapter_dtype`` (peft/tuners/tuners_utils.py) only turns float16, bfloat16 and float8
+    tensors into float32. Tensors all in float32, float64 or a non-float dtype are left as they are,
+    so the call -- a walk of every module -- can be skipped."""
+    return any(t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) for t in tensors)
 
 
 def move_adapter_to_base_device(modules: Iterable[nn.Module], adapter_name: str) -> None:
