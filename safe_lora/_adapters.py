@@ -31,6 +31,7 @@ from safe_lora._peft import (
     BaseTunerLayer,
     adapters_disabled,
     base_modules,
+    refuses_inference_mode,
     rewrites_base,
     set_adapters_disabled,
     set_layer_active_adapters,
@@ -109,10 +110,11 @@ def _switch(model: PeftModel, names: list[str]) -> None:
             model.active_adapter = names[0]
         return
     grads = [(p, p.requires_grad) for p in model.parameters()]
+    frozen = {} if refuses_inference_mode(tuner) else {"inference_mode": True}
     if len(names) == 1:
-        model.set_adapter(names[0], inference_mode=True)
+        model.set_adapter(names[0], **frozen)
     else:
-        tuner.set_adapter(names, inference_mode=True)
+        tuner.set_adapter(names, **frozen)
     for param, requires_grad in grads:
         if param.requires_grad is not requires_grad:
             param.requires_grad_(requires_grad)

@@ -169,7 +169,15 @@ def inject_checked(
         try:
             with _recorded_warnings() as recorded:
                 try:
-                    with on_meta() if mode == "meta" else nullcontext():
+                    # Adding to a PeftModel: PEFT's walks over the adapters already loaded (switching
+                    # their requires_grad, which the snapshot puts back anyway) see none of them, so
+                    # the meta injection does not grow with them.
+                    hide = (
+                        other_adapters_hidden(target, name, injecting=True)
+                        if mode == "meta" and isinstance(target, PeftModel)
+                        else nullcontext()
+                    )
+                    with on_meta() if mode == "meta" else nullcontext(), hide:
                         peft_model = _inject(
                             target,
                             copy.deepcopy(shapes_config(config)),
@@ -500,25 +508,32 @@ def _like(tensor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 def _meta_left(peft_model: nn.Module, snapshot: Snapshot) -> bool:
     """Whether any tensor the injection made is still on the meta device: a parameter or buffer, or a
-    tensor a new layer keeps in a plain attribute (FourierFT's indices). Every module is looked at
-    but the adapters loaded before (an injection does not build into them): a tensor PEFT made where
-    the snapshot does not look is one this load did not fill. Plain loops: this runs on every load."""
-    for module in snapshot.new_modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue  # torch's own modules (lora_A's Linear, ...) keep tensors in their slots only
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor):
-                if value.is_meta:
-                    return True
-            elif isinstance(value, dict):
-                for item in value.values():
-                    if isinstance(item, torch.Tensor) and item.is_meta:
-                        return True
+    tensor a tuner layer keeps in a plain attribute (FourierFT's and WaveFT's indices, new entries of
+    an existing layer's dict when an adapter is added). Every module is looked at but the adapters
+    loaded before (an injection does not build into them). One flat walk: this runs on every load."""
     for module in all_modules(peft_model, skip=snapshot.sealed):
         for slot in (module._parameters, module._buffers):
             if slot:
                 for tensor in slot.values():
                     if tensor is not None and tensor.is_meta:
+                        return True
+        if isinstance(module, BaseTunerLayer):
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor):
+                    if value.is_meta:
+                        return True
+                elif isinstance(value, dict):
+                    for item in value.values():
+                        if isinstance(item, torch.Tensor) and item.is_meta:
+                            return True
+    # Modules a tuner keeps outside the module tree: AdaptionPrompt caches the adapted attentions of
+    # the adapters that are not active (``_cached_adapters``), where no walk above reaches.
+    tuner = getattr(peft_model, "base_model", None)
+    for value in vars(tuner).values() if isinstance(tuner, nn.Module) else ():
+        if isinstance(value, dict):
+            for item in value.values():
+                for held in item if isinstance(item, (list, tuple)) else (item,):
+                    if isinstance(held, nn.Module) and any(t.is_meta for t in held.parameters()):
                         return True
     return False
 

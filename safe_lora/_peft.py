@@ -86,6 +86,7 @@ __all__ = [
     "other_adapters_hidden",
     "peft_model_class",
     "peft_type_name",
+    "refuses_inference_mode",
     "remap_keys",
     "replicate_layers",
     "replicated_depth",
@@ -198,6 +199,16 @@ def cast_adapter_dtype(peft_model: PeftModel, adapter_name: str, *, autocast: bo
         tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast)
 
 
+def refuses_inference_mode(tuner: Any) -> bool:
+    """Whether ``tuner.set_adapter`` refuses ``inference_mode=``: PEFT 0.21's ``AdaptionPromptModel``
+    raises ``ValueError("inference_mode is not supported ...")`` for it
+    (peft/tuners/adaption_prompt/model.py); callers then switch without it and put every
+    ``requires_grad`` back themselves."""
+    from peft.tuners.adaption_prompt import AdaptionPromptModel
+
+    return isinstance(tuner, AdaptionPromptModel)
+
+
 def upcast_changes(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether :func:`cast_adapter_dtype` could change any of ``tensors``: PEFT 0.21's
     ``cast_adapter_dtype`` (peft/tuners/tuners_utils.py) only turns float16, bfloat16 and float8
@@ -292,7 +303,9 @@ def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 @contextmanager
-def other_adapters_hidden(peft_model: PeftModel, adapter_name: str) -> Iterator[bool]:
+def other_adapters_hidden(
+    peft_model: PeftModel, adapter_name: str, *, injecting: bool = False
+) -> Iterator[bool]:
     """A block in which PEFT's walks see ``adapter_name``'s entries only: the other adapters' entries
     of the per-adapter containers of tuner layers and auxiliary wrappers (``lora_A["other"]``,
     ``modules_to_save["other"]``, ...) are hidden, and put back on exit.
@@ -306,6 +319,13 @@ def other_adapters_hidden(peft_model: PeftModel, adapter_name: str) -> Iterator[
     names it. An entry PEFT sets or replaces for ``adapter_name`` inside the block (an upcast
     parameter) is kept on exit.
 
+    With ``injecting``, the block is PEFT adding ``adapter_name`` (not yet in ``peft_config``): its
+    walks over the adapters already loaded -- ``set_adapter``'s ``requires_grad`` switches, the
+    trainable marking -- then see none, so the meta injection's cost does not grow with them; the
+    new entries PEFT adds to shared containers are kept on exit, after the old ones, as PEFT orders
+    them. What PEFT would have switched on the hidden adapters is the caller's to set (a loader
+    restores every existing ``requires_grad`` anyway).
+
     Yields:
         Whether anything is hidden: not when there is nothing to hide, for a prompt-learning adapter
         (PEFT filters nothing by name then), or when PEFT's filter would leave nothing (an adapter
@@ -314,7 +334,8 @@ def other_adapters_hidden(peft_model: PeftModel, adapter_name: str) -> Iterator[
     from peft.utils.save_and_load import _filter_state_dict_for_adapter_name
 
     unwanted = [name for name in peft_model.peft_config if name != adapter_name]
-    if not unwanted or peft_model.peft_config[adapter_name].is_prompt_learning:
+    prompt_learning = any(config.is_prompt_learning for config in peft_model.peft_config.values())
+    if not unwanted or prompt_learning:
         yield False
         return
     others = set(unwanted)
@@ -337,6 +358,9 @@ def other_adapters_hidden(peft_model: PeftModel, adapter_name: str) -> Iterator[
                     if drop:
                         state[slot] = {k: v for k, v in entries.items() if k not in drop}
                         hidden.append((state, slot, entries))
+        if injecting:
+            yield True
+            return
         # PEFT's own filter, one key at a time: the first key it keeps settles that it keeps some.
         keeps = any(
             _filter_state_dict_for_adapter_name({k: v}, unwanted) for k, v in peft_model.state_dict().items()

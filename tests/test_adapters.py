@@ -3,13 +3,16 @@ use_adapter and set_active_adapter (issues 6 and 12)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from _tuners import TUNERS, Tuner, make_base, output, tuner_params
 from conftest import MLP, assert_unchanged, make_mlp, save_adapter, snapshot
 from peft import LoraConfig, PeftModel
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from safe_lora import (
@@ -460,3 +463,40 @@ def test_replace_follows_the_models_mode_for_dropout(adapters: dict[str, Path], 
     load_adapter(inference, new, adapter_name="default", replace=True)
     assert isinstance(inference.base_model.model.fc1.lora_dropout["default"], nn.Identity)
     assert inference.peft_config["default"].lora_dropout == 0.0
+
+
+@pytest.mark.parametrize("tuner", tuner_params(TUNERS))
+def test_adding_an_adapter_is_raw_peft_s_add_for_every_tuner(tmp_path: Path, tuner: Tuner) -> None:
+    # The meta injection of an add hides the adapters already loaded from PEFT's walks: what PEFT
+    # builds for the new one, and leaves of the old one, must be exactly what its own add gives.
+    if not tuner.available:
+        pytest.skip(f"needs {tuner.needs}")
+    config = tuner.config()
+    if config.is_prompt_learning:
+        pytest.skip("a prompt-learning adapter is one per model (as in PEFT)")
+    base = make_base(tuner.base)
+    first = save_adapter(base, config, tmp_path / "a", train_steps=1, seed=1)
+    second = save_adapter(base, config, tmp_path / "b", train_steps=1, seed=2)
+    raw = PeftModel.from_pretrained(copy.deepcopy(base), str(first), adapter_name="a")
+    try:
+        raw.load_adapter(str(second), adapter_name="b")
+    except Exception as exc:
+        pytest.skip(f"raw PEFT cannot add a second {tuner.id} adapter: {type(exc).__name__}: {exc}")
+    raw.set_adapter("b")
+    ours = load_for_inference(copy.deepcopy(base), first, adapter_name="a")
+    load_adapter(ours, second, adapter_name="b")
+    set_active_adapter(ours, "b")
+
+    for name in ("a", "b"):
+        want = get_peft_model_state_dict(raw, adapter_name=name)
+        got = get_peft_model_state_dict(ours, adapter_name=name)
+        assert got.keys() == want.keys(), name
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype, key
+            assert torch.equal(got[key], value), key
+    extra = tuner.forward_kwargs
+    try:
+        expected = output(raw.eval(), tuner.base, **extra)
+    except Exception as exc:
+        pytest.skip(f"raw PEFT cannot run two {tuner.id} adapters: {type(exc).__name__}: {exc}")
+    assert torch.equal(output(ours.eval(), tuner.base, **extra), expected)
