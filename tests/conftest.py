@@ -80,6 +80,18 @@ def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def llama_lora(**overrides: Any) -> LoraConfig:
+    """A small LoRA on the tiny Llama's ``q_proj``/``v_proj`` (r=2, live dropout, non-zero init)."""
+    fields: dict[str, Any] = {
+        "target_modules": ["q_proj", "v_proj"],
+        "r": 2,
+        "lora_dropout": 0.1,
+        "init_lora_weights": False,
+        "task_type": "CAUSAL_LM",
+    }
+    return LoraConfig(**{**fields, **overrides})
+
+
 def save_adapter(
     base: nn.Module, config: PeftConfig, path: Path, *, train_steps: int = 0, seed: int = 0
 ) -> Path:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 from _tuners import TUNERS, Tuner, make_base, output
-from conftest import assert_unchanged, save_adapter, snapshot, tiny_llama
-from peft import LoraConfig, PeftModel
+from conftest import assert_unchanged, llama_lora, save_adapter, snapshot, tiny_llama
+from peft import PeftModel
 from torch import nn
 
 from safe_lora import (
@@ -28,23 +28,14 @@ IDS = torch.tensor([[1, 5, 9, 3, 2, 7]])
 Loader = Callable[..., Any]
 
 
-def lora(**overrides: Any) -> LoraConfig:
-    fields: dict[str, Any] = {
-        "target_modules": ["q_proj", "v_proj"],
-        "r": 2,
-        "lora_dropout": 0.1,
-        "init_lora_weights": False,
-        "task_type": "CAUSAL_LM",
-    }
-    return LoraConfig(**{**fields, **overrides})
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("disable")
     return {
-        "a": save_adapter(tiny_llama(), lora(), root / "a", seed=1),
-        "b": save_adapter(tiny_llama(), lora(target_modules=["k_proj", "o_proj"], r=4), root / "b", seed=2),
+        "a": save_adapter(tiny_llama(), llama_lora(), root / "a", seed=1),
+        "b": save_adapter(
+            tiny_llama(), llama_lora(target_modules=["k_proj", "o_proj"], r=4), root / "b", seed=2
+        ),
     }
 
 
@@ -209,7 +200,9 @@ def test_a_layer_the_caller_switched_off_stays_off(folders: dict[str, Path]) -> 
 
 def test_refused_when_loading_rewrote_the_base_weights(tmp_path: Path) -> None:
     """PiSSA leaves the residual W - BA in the base layer: adapters off is not the base model."""
-    path = save_adapter(tiny_llama(), lora(init_lora_weights="pissa"), tmp_path / "pissa", train_steps=1)
+    path = save_adapter(
+        tiny_llama(), llama_lora(init_lora_weights="pissa"), tmp_path / "pissa", train_steps=1
+    )
     model = load_for_inference(tiny_llama(), path)
     with model.disable_adapter():  # what PEFT computes: not the base model
         assert not torch.allclose(logits(model), BASE, atol=1e-4)
@@ -282,7 +275,7 @@ def test_x_lora_off_is_the_base_model(tmp_path: Path) -> None:
         model.config.use_cache = False  # X-LoRA refuses a cache
         return model
 
-    experts = {str(s): str(save_adapter(base(), lora(), tmp_path / f"e{s}", seed=s)) for s in (0, 1)}
+    experts = {str(s): str(save_adapter(base(), llama_lora(), tmp_path / f"e{s}", seed=s)) for s in (0, 1)}
     config = peft.XLoraConfig(
         task_type="CAUSAL_LM", hidden_size=QUANTIZABLE["hidden_size"], adapters=experts, xlora_depth=2
     )

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_unchanged, save_adapter, snapshot, tiny_llama
-from peft import LoraConfig, PeftModel
+from conftest import assert_unchanged, llama_lora, save_adapter, snapshot, tiny_llama
+from peft import PeftModel
 from torch import nn
 
 from safe_lora import (
@@ -23,25 +23,14 @@ from safe_lora import (
 IDS = torch.tensor([[1, 5, 9, 3, 2, 7]])
 
 
-def lora(**overrides: Any) -> LoraConfig:
-    fields: dict[str, Any] = {
-        "target_modules": ["q_proj", "v_proj"],
-        "r": 2,
-        "lora_dropout": 0.1,
-        "init_lora_weights": False,
-        "task_type": "CAUSAL_LM",
-    }
-    return LoraConfig(**{**fields, **overrides})
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reference")
     return {
-        "policy": save_adapter(tiny_llama(), lora(), root / "policy", seed=1),
+        "policy": save_adapter(tiny_llama(), llama_lora(), root / "policy", seed=1),
         # The reference targets other modules and has another rank: nothing is shared by accident.
         "ref": save_adapter(
-            tiny_llama(), lora(target_modules=["q_proj", "o_proj"], r=4), root / "ref", seed=2
+            tiny_llama(), llama_lora(target_modules=["q_proj", "o_proj"], r=4), root / "ref", seed=2
         ),
     }
 
@@ -142,7 +131,9 @@ def test_trainable_that_matches_the_model_is_the_default(
 def test_replace_keeps_the_kind_of_a_frozen_reference(folders: dict[str, Path], tmp_path: Path) -> None:
     model = load_for_training(tiny_llama(), folders["policy"])
     load_adapter(model, folders["ref"], adapter_name="ref", trainable=False)
-    newer = save_adapter(tiny_llama(), lora(target_modules=["q_proj", "o_proj"], r=4), tmp_path / "n", seed=3)
+    newer = save_adapter(
+        tiny_llama(), llama_lora(target_modules=["q_proj", "o_proj"], r=4), tmp_path / "n", seed=3
+    )
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"keeps adapter 'ref' as it was loaded.*found trainable=True"):
         load_adapter(model, newer, adapter_name="ref", replace=True, trainable=True)
