@@ -208,12 +208,14 @@ def name_of(kind: str) -> str:
 SIG = "model.sig"
 
 
-def write_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    """A P-256 private key and its public key, as PEM files ``name.pem`` / ``name.pub``."""
+def write_key_pair(folder: Path, name: str, key: Any = None) -> tuple[Path, Path]:
+    """``key`` (default: a new P-256 private key) and its public key, as PEM files ``name.pem`` /
+    ``name.pub``."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
     private, public = folder / f"{name}.pem", folder / f"{name}.pub"
     private.write_bytes(
         key.private_bytes(

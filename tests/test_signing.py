@@ -28,6 +28,7 @@ pytest.importorskip(
 import model_signing.hashing
 import model_signing.signing
 import model_signing.verifying
+from _provenance_kit import write_key_pair
 from conftest import CONFIG, SAFETENSORS
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -52,30 +53,14 @@ READ = (CONFIG, SAFETENSORS)  # the files a safetensors load reads
 # --- keys, certificates, signing ------------------------------------------------------------------
 
 
-def _write_key_pair(folder: Path, name: str, key: Any) -> tuple[Path, Path]:
-    private = folder / f"{name}.pem"
-    public = folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """``{name: (private PEM, public PEM)}``: the signer's P-256 key, another P-384 key, an RSA key."""
     folder = tmp_path_factory.mktemp("keys")
     return {
-        "signer": _write_key_pair(folder, "signer", ec.generate_private_key(ec.SECP256R1())),
-        "other": _write_key_pair(folder, "other", ec.generate_private_key(ec.SECP384R1())),
-        "rsa": _write_key_pair(folder, "rsa", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        "signer": write_key_pair(folder, "signer", ec.generate_private_key(ec.SECP256R1())),
+        "other": write_key_pair(folder, "other", ec.generate_private_key(ec.SECP384R1())),
+        "rsa": write_key_pair(folder, "rsa", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
     }
 
 
@@ -123,7 +108,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, cert in files.items():
         paths[name] = folder / f"{name}.crt"
         paths[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["leaf_key"], _ = _write_key_pair(folder, "leaf", leaf_key)
+    paths["leaf_key"], _ = write_key_pair(folder, "leaf", leaf_key)
     return paths
 
 
