@@ -391,9 +391,16 @@ def bench_load_time(base: nn.Module, adapter: Path, pairs: int, *, label: str = 
         1.10,
     )
 
+    # A fresh base model each time, outside the timed region.
+    return _alternate_loads(lambda: copy.deepcopy(base), adapter, pairs, row)
+
+
+def _alternate_loads(fresh: Callable[[], nn.Module], adapter: Path, pairs: int, row: Row) -> Row:
+    """``load_for_inference`` and raw PEFT alternated on ``fresh()`` bases; only the load is timed."""
+
     def timed(kind: str) -> Callable[[], float]:
         def run() -> float:
-            model = copy.deepcopy(base)  # a fresh base model each time, outside the timed region
+            model = fresh()
             with _no_gc(collect=True):
                 start = time.perf_counter()
                 result = LOADERS[kind](model, adapter)
@@ -969,19 +976,7 @@ def bench_big_load(spec: ModelSpec, pairs: int, tmp: Path) -> Row:
         ),
     )
 
-    def timed(kind: str) -> Callable[[], float]:
-        def run() -> float:
-            model = fresh()
-            with _no_gc(collect=True):
-                start = time.perf_counter()
-                result = LOADERS[kind](model, adapter)
-                elapsed = time.perf_counter() - start
-            del result, model
-            return elapsed
-
-        return run
-
-    return alternate(pairs, timed("safe"), timed("raw"), row, best_of=2)
+    return _alternate_loads(fresh, adapter, pairs, row)
 
 
 # --------------------------------------------------------------------------------------------------
