@@ -446,14 +446,17 @@ def _load_materialized(
         if stand_in is None:
             stand_in = stand_ins[id(tensor)] = _like(tensor, torch.empty(0, dtype=tensor.dtype))
         entries[key] = stand_in
-    if _meta_left(peft_model, snapshot):
+    # Every module but the adapters loaded before (an injection does not build into them), walked once
+    # for the meta check and PEFT's device move.
+    modules = all_modules(peft_model, skip=snapshot.sealed)
+    if _meta_left(peft_model, modules):
         return None
     with _recorded_warnings() as recorded:
         # What PEFT's default path does after creating the tensors, on the stand-ins. None of the
         # adapter's tensors sits in the adapters loaded before (whose own modules the snapshot does
         # not walk, and which PEFT does not touch): the tuner layers that hold them are among the others.
         with other_adapters_hidden(peft_model, name):
-            move_adapter_to_base_device(snapshot.unsealed_modules(peft_model), name)
+            move_adapter_to_base_device(modules, name)
         # PEFT's injection already upcast the adapter (on the meta tensors the stand-ins copy): only
         # what the move turned to half precision is left for it to do.
         if options.autocast_adapter_dtype and upcast_changes(e[k] for e, k, _ in positions if k in e):
@@ -506,12 +509,12 @@ def _like(tensor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return made
 
 
-def _meta_left(peft_model: nn.Module, snapshot: Snapshot) -> bool:
+def _meta_left(peft_model: nn.Module, modules: list[nn.Module]) -> bool:
     """Whether any tensor the injection made is still on the meta device: a parameter or buffer, or a
     tensor a tuner layer keeps in a plain attribute (FourierFT's and WaveFT's indices, new entries of
-    an existing layer's dict when an adapter is added). Every module is looked at but the adapters
-    loaded before (an injection does not build into them). One flat walk: this runs on every load."""
-    for module in all_modules(peft_model, skip=snapshot.sealed):
+    an existing layer's dict when an adapter is added), among ``modules`` and in what the tuner keeps
+    outside the module tree. Plain loops: this runs on every load."""
+    for module in modules:
         for slot in (module._parameters, module._buffers):
             if slot:
                 for tensor in slot.values():

@@ -239,25 +239,6 @@ class Snapshot:
                 yield module
                 pending.extend(c for c in module._modules.values() if c is not None)
 
-    def unsealed_modules(self, root: nn.Module) -> list[nn.Module]:
-        """Every module under ``root`` (the captured model, or the ``PeftModel`` built around it) but
-        the existing adapters' own (sealed) subtrees: where a load's new modules and tensors are. The
-        walk costs the same however many adapters the model holds."""
-        found: list[nn.Module] = []
-        seen: set[int] = set()
-        sealed = self.sealed
-        stack = [root]
-        while stack:
-            module = stack.pop()
-            if id(module) in seen or module in sealed:
-                continue
-            seen.add(id(module))
-            found.append(module)
-            children = module._modules
-            if children:
-                stack.extend(c for c in children.values() if c is not None)
-        return found
-
     def new_tensors(self) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
         """``(module, "_parameters" or "_buffers", name, tensor)`` for every tensor the load created:
         new entries of captured modules, and everything in new modules but tensors that existed."""
