@@ -46,6 +46,7 @@ from safe_lora._peft import (
     STRUCTURAL_RATES,
     BaseTunerLayer,
     InjectionMode,
+    Placement,
     all_linear_targets,
     cast_adapter_dtype,
     check_new_adapter_config,
@@ -449,14 +450,15 @@ def _load_materialized(
     # Every module but the adapters loaded before (an injection does not build into them), walked once
     # for the meta check and PEFT's device move.
     modules = all_modules(peft_model, skip=snapshot.sealed)
-    if _meta_left(peft_model, modules):
+    scan = _scan(peft_model, modules)
+    if scan.meta_left:
         return None
     with _recorded_warnings() as recorded:
         # What PEFT's default path does after creating the tensors, on the stand-ins. None of the
         # adapter's tensors sits in the adapters loaded before (whose own modules the snapshot does
         # not walk, and which PEFT does not touch): the tuner layers that hold them are among the others.
         with other_adapters_hidden(peft_model, name):
-            move_adapter_to_base_device(modules, name)
+            move_adapter_to_base_device(modules, name, placement=scan.placement)
         # PEFT's injection already upcast the adapter (on the meta tensors the stand-ins copy): only
         # what the move turned to half precision is left for it to do.
         if options.autocast_adapter_dtype and upcast_changes(e[k] for e, k, _ in positions if k in e):
@@ -509,26 +511,49 @@ def _like(tensor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return made
 
 
-def _meta_left(peft_model: nn.Module, modules: list[nn.Module]) -> bool:
-    """Whether any tensor the injection made is still on the meta device: a parameter or buffer, or a
-    tensor a tuner layer keeps in a plain attribute (FourierFT's and WaveFT's indices, new entries of
-    an existing layer's dict when an adapter is added), among ``modules`` and in what the tuner keeps
-    outside the module tree. Plain loops: this runs on every load."""
+@dataclass(frozen=True)
+class _Scan:
+    """What one walk of the modules an injection built into found.
+
+    Attributes:
+        meta_left: A tensor the injection made is still on the meta device.
+        placement: The one device and the one floating dtype every parameter and buffer has, when
+            they all share one (``None`` otherwise): PEFT's device move may then be a no-op.
+    """
+
+    meta_left: bool
+    placement: Placement | None
+
+
+def _scan(peft_model: nn.Module, modules: list[nn.Module]) -> _Scan:
+    """Whether any tensor the injection made is still on the meta device -- a parameter or buffer, or
+    a tensor a tuner layer keeps in a plain attribute (FourierFT's and WaveFT's indices, new entries of
+    an existing layer's dict when an adapter is added), among ``modules`` or in what the tuner keeps
+    outside the module tree -- and where the parameters and buffers are. Plain loops: this runs on
+    every load."""
+    devices: set[torch.device] = set()
+    dtypes: set[torch.dtype] = set()
+    meta = _Scan(meta_left=True, placement=None)
     for module in modules:
         for slot in (module._parameters, module._buffers):
             if slot:
                 for tensor in slot.values():
-                    if tensor is not None and tensor.is_meta:
-                        return True
+                    if tensor is None:
+                        continue
+                    if tensor.is_meta:
+                        return meta
+                    devices.add(tensor.device)
+                    if tensor.is_floating_point() or tensor.is_complex():
+                        dtypes.add(tensor.dtype)
         if isinstance(module, BaseTunerLayer):
             for value in vars(module).values():
                 if isinstance(value, torch.Tensor):
                     if value.is_meta:
-                        return True
+                        return meta
                 elif isinstance(value, dict):
                     for item in value.values():
                         if isinstance(item, torch.Tensor) and item.is_meta:
-                            return True
+                            return meta
     # Modules a tuner keeps outside the module tree: AdaptionPrompt caches the adapted attentions of
     # the adapters that are not active (``_cached_adapters``), where no walk above reaches.
     tuner = getattr(peft_model, "base_model", None)
@@ -537,8 +562,9 @@ def _meta_left(peft_model: nn.Module, modules: list[nn.Module]) -> bool:
             for item in value.values():
                 for held in item if isinstance(item, (list, tuple)) else (item,):
                     if isinstance(held, nn.Module) and any(t.is_meta for t in held.parameters()):
-                        return True
-    return False
+                        return meta
+    one = len(devices) == 1 and len(dtypes) == 1
+    return _Scan(meta_left=False, placement=(next(iter(devices)), next(iter(dtypes))) if one else None)
 
 
 def _shielded(peft_model: nn.Module, snapshot: Snapshot) -> AbstractContextManager[Callable[[], None]]:

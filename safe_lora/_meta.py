@@ -36,7 +36,7 @@ _META = torch.device("meta")
 # Everything the mode below treats specially; any other op passes straight through. The device
 # constructors are torch's own list (what ``torch.device("meta")`` redirects).
 _FACTORIES: frozenset[Any] = frozenset(_device_constructors())
-_SPECIAL: frozenset[Any] = _FACTORIES | {torch.normal, torch.Tensor.cpu}
+_SPECIAL: frozenset[Any] = _FACTORIES | {torch.normal, torch.Tensor.cpu, nn.init.kaiming_uniform_}
 
 
 class _OnMeta(DeviceContext):
@@ -47,6 +47,11 @@ class _OnMeta(DeviceContext):
       from a config would otherwise be allocated for real.
     * ``tensor.cpu()`` of a meta tensor stays that tensor (torch cannot copy out of the meta device):
       PEFT's ``get_prompt_embedding_to_save`` ends in ``.cpu()``, and only the shape is wanted here.
+    * ``nn.init.kaiming_uniform_`` of a meta tensor with values to fill returns it unfilled. A meta
+      tensor holds no values, so the fill is a no-op; but torch runs it through its Python
+      decomposition of ``uniform_`` (about 20 µs a call), and PEFT calls it twice for every LoRA layer
+      it injects (``nn.Linear``'s own init, then ``reset_lora_parameters``). What can fail in it still
+      runs: its fan needs two dimensions, its gain a known nonlinearity (``calculate_gain``).
 
     One mode rather than ``torch.device("meta")`` with a second mode on top: every torch call made
     inside (PEFT's injection makes thousands, a ``requires_grad_`` per parameter of every adapter
@@ -66,7 +71,11 @@ class _OnMeta(DeviceContext):
         if func not in _SPECIAL:
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = dict(kwargs) if kwargs else {}
-        if func is torch.Tensor.cpu:
+        if func is nn.init.kaiming_uniform_:
+            tensor = kwargs.get("tensor", args[0] if args else None)
+            if _fill_is_noop(tensor, kwargs):
+                return tensor
+        elif func is torch.Tensor.cpu:
             if args and getattr(args[0], "is_meta", False):
                 return args[0]
         elif func is torch.normal:
@@ -75,6 +84,18 @@ class _OnMeta(DeviceContext):
         elif kwargs.get("device") is None:
             kwargs["device"] = _META
         return func(*args, **kwargs)
+
+
+def _fill_is_noop(tensor: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``nn.init.kaiming_uniform_(tensor, **kwargs)`` would only fill a meta tensor: it has
+    values to fill (a 0-element one warns instead) and two dimensions for its fan, and the arguments
+    it checks are valid (the mode torch knows; ``calculate_gain`` raises on an unknown nonlinearity)."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_meta or tensor.dim() < 2 or tensor.numel() == 0:
+        return False
+    if kwargs.get("mode", "fan_in") not in ("fan_in", "fan_out"):
+        return False
+    nn.init.calculate_gain(kwargs.get("nonlinearity", "leaky_relu"), kwargs.get("a", 0))
+    return True
 
 
 @contextmanager

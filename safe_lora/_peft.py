@@ -65,6 +65,7 @@ __all__ = [
     "BufferDict",
     "NoOpRule",
     "PatternField",
+    "Placement",
     "adapters_disabled",
     "all_linear_targets",
     "base_modules",
@@ -217,15 +218,47 @@ def upcast_changes(tensors: Iterable[torch.Tensor]) -> bool:
     return any(t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) for t in tensors)
 
 
-def move_adapter_to_base_device(modules: Iterable[nn.Module], adapter_name: str) -> None:
+Placement = tuple[torch.device, torch.dtype]
+
+
+def move_adapter_to_base_device(
+    modules: Iterable[nn.Module], adapter_name: str, *, placement: Placement | None = None
+) -> None:
     """Give ``adapter_name``'s tensors in every tuner layer among ``modules`` the device and (float)
     dtype of the layer's base weight, as PEFT's ``update_layer`` does on its default path and
     ``set_peft_model_state_dict`` after an assign load
     (``BaseTunerLayer._move_adapter_to_device_of_base_layer``, which leaves a layer without that
-    adapter alone: ``modules`` need only hold those with it)."""
-    for module in modules:
-        if isinstance(module, BaseTunerLayer):
-            module._move_adapter_to_device_of_base_layer(adapter_name)
+    adapter alone: ``modules`` need only hold those with it).
+
+    Args:
+        modules: The modules to walk (every tuner layer that may hold the adapter among them).
+        adapter_name: The adapter to move.
+        placement: The one device and the one floating dtype that every parameter and buffer among
+            ``modules`` has, when they all share one (the caller's walk found it). Then a layer whose
+            base gives that device and dtype as PEFT's target moves nothing (``Tensor.to`` and
+            ``Module.to`` return what is already there); when every layer's does, PEFT's walk, about
+            50 µs a layer, is skipped.
+    """
+    layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+    if placement is not None and all(_targets_within(layer, placement) for layer in layers):
+        return
+    for layer in layers:
+        layer._move_adapter_to_device_of_base_layer(adapter_name)
+
+
+def _targets_within(layer: BaseTunerLayer, placement: Placement) -> bool:
+    """Whether the device and dtype ``_move_adapter_to_device_of_base_layer`` aims ``layer``'s adapter
+    at are ``placement``'s (or none: then it moves nothing, or casts nothing). The target is PEFT's own
+    ``_get_base_layer_device_and_dtype`` of the base layer, a ``MultiheadAttention``'s ``out_proj``
+    standing for it as in PEFT 0.21; only a floating or complex target dtype casts."""
+    base = layer.get_base_layer()
+    if isinstance(base, nn.MultiheadAttention):
+        base = base.out_proj
+    peft_layer: Any = layer  # PEFT leaves the helper unannotated
+    device, dtype = peft_layer._get_base_layer_device_and_dtype(base)
+    if device is not None and device != placement[0]:
+        return False
+    return dtype is None or not (dtype.is_floating_point or dtype.is_complex) or dtype == placement[1]
 
 
 def set_layer_active_adapters(layer: BaseTunerLayer, names: list[str]) -> None:

@@ -17,14 +17,15 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from _tuners import TUNERS, make_base
+from _tuners import TUNERS, make_base, tuner_params
 from packaging.specifiers import SpecifierSet
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import safe_lora._peft as boundary
+from safe_lora._attach import _scan
 from safe_lora._fit import expected_state
-from safe_lora._meta import MetaTwins, on_meta
+from safe_lora._meta import MetaTwins, all_modules, on_meta
 
 PACKAGE = Path(boundary.__file__).parent
 
@@ -44,6 +45,7 @@ def test_the_installed_peft_is_the_tested_release() -> None:
         (boundary.BaseTuner, "_temporarily_active"),
         (boundary.BaseTuner, "_prepare_model"),
         (boundary.BaseTunerLayer, "_move_adapter_to_device_of_base_layer"),
+        (boundary.BaseTunerLayer, "_get_base_layer_device_and_dtype"),
         (boundary.BaseTunerLayer, "_active_adapter"),
     ],
 )
@@ -226,3 +228,58 @@ def test_hiding_the_other_adapters_gives_peft_s_own_answer_and_puts_every_entry_
             assert now[1] == expected_parameters
         else:
             assert now == (modules, parameters, buffers)
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.device, torch.dtype]]:
+    return [(k, t, t.device, t.dtype) for k, t in model.state_dict(keep_vars=True).items()]
+
+
+@pytest.mark.parametrize("tuner", tuner_params([t for t in TUNERS if t.available]))
+def test_a_device_move_skipped_as_a_no_op_is_one_in_peft(tuner: object) -> None:
+    # safe_lora skips PEFT's device move when every tensor already has the one device and dtype each
+    # layer's base would give it. Wherever it would, PEFT's own move must change nothing.
+    t = tuner
+    config = copy.deepcopy(t.config())  # type: ignore[attr-defined]
+    model = peft.get_peft_model(make_base(t.base), config)  # type: ignore[attr-defined]
+    modules = all_modules(model)
+    scan = _scan(model, modules)
+    layers = [m for m in modules if isinstance(m, boundary.BaseTunerLayer)]
+    if scan.placement is None or not all(boundary._targets_within(m, scan.placement) for m in layers):
+        pytest.skip("safe_lora runs PEFT's move here")
+    before = _tensors(model)
+    for layer in layers:
+        layer._move_adapter_to_device_of_base_layer("default")
+    after = _tensors(model)
+    assert [(k, id(t), d, dt) for k, t, d, dt in after] == [(k, id(t), d, dt) for k, t, d, dt in before]
+
+
+def _lora_on(base: nn.Module) -> peft.PeftModel:
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    return peft.get_peft_model(base, config, autocast_adapter_dtype=False)
+
+
+def test_the_device_move_runs_where_a_layer_s_base_differs() -> None:
+    # Every tensor in float32, but one base layer computes in bfloat16 (what bitsandbytes' 4-bit
+    # layers declare with compute_dtype): PEFT's move gives that layer's adapter bfloat16, and so must
+    # the skip-or-run decision.
+    model = _lora_on(make_base("llama"))
+    layers = [m for m in model.modules() if isinstance(m, boundary.BaseTunerLayer)]
+    layers[0].get_base_layer().compute_dtype = torch.bfloat16
+    modules = all_modules(model)
+    placement = _scan(model, modules).placement
+    assert placement == (torch.device("cpu"), torch.float32)
+    boundary.move_adapter_to_base_device(modules, "default", placement=placement)
+    assert layers[0].lora_A["default"].weight.dtype == torch.bfloat16
+    assert all(m.lora_A["default"].weight.dtype == torch.float32 for m in layers[1:])
+
+
+def test_the_device_move_runs_where_tensors_differ() -> None:
+    # A bfloat16 base whose adapter was made in float32: no one placement, so PEFT's move runs.
+    model = _lora_on(make_base("llama").to(torch.bfloat16))
+    for m in model.modules():
+        if isinstance(m, boundary.BaseTunerLayer):
+            m.lora_A["default"].float()
+    modules = all_modules(model)
+    assert _scan(model, modules).placement is None
+    boundary.move_adapter_to_base_device(modules, "default", placement=None)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
