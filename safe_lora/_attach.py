@@ -511,6 +511,10 @@ def _like(tensor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return made
 
 
+# A module's own dicts of children and tensors: the walk of the module tree reads them.
+_MODULE_TREE = frozenset({"_modules", "_parameters", "_buffers"})
+
+
 @dataclass(frozen=True)
 class _Scan:
     """What one walk of the modules an injection built into found.
@@ -546,7 +550,9 @@ def _scan(peft_model: nn.Module, modules: list[nn.Module]) -> _Scan:
                     if tensor.is_floating_point() or tensor.is_complex():
                         dtypes.add(tensor.dtype)
         if isinstance(module, BaseTunerLayer):
-            for value in vars(module).values():
+            for key, value in vars(module).items():
+                if key in _MODULE_TREE:
+                    continue  # the walk above reads those
                 if isinstance(value, torch.Tensor):
                     if value.is_meta:
                         return meta
@@ -557,8 +563,8 @@ def _scan(peft_model: nn.Module, modules: list[nn.Module]) -> _Scan:
     # Modules a tuner keeps outside the module tree: AdaptionPrompt caches the adapted attentions of
     # the adapters that are not active (``_cached_adapters``), where no walk above reaches.
     tuner = getattr(peft_model, "base_model", None)
-    for value in vars(tuner).values() if isinstance(tuner, nn.Module) else ():
-        if isinstance(value, dict):
+    for key, value in vars(tuner).items() if isinstance(tuner, nn.Module) else ():
+        if isinstance(value, dict) and key not in _MODULE_TREE:
             for item in value.values():
                 for held in item if isinstance(item, (list, tuple)) else (item,):
                     if isinstance(held, nn.Module) and any(t.is_meta for t in held.parameters()):

@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,17 @@ def expected_state(peft_model: PeftModel, adapter_name: str, *, file_keys: set[s
     PEFT also accepts (embedding layers saved whole) are asked for only when ``file_keys`` holds keys
     beyond the adapter's own: that walks the model a second time.
     """
-    # on_meta: PEFT's prompt-learning path ends in `.cpu()`, which a meta tensor cannot do.
+    # on_meta for prompt learning: PEFT's get_prompt_embedding_to_save ends in `.cpu()`, which a meta
+    # tensor cannot do. Every other tuner's path selects and renames entries of the model's state dict
+    # (VB-LoRA's top-k is computed from them, on meta): no factory to redirect, and the mode would
+    # cost a Python call for each of the ~1,000 `detach()`s of the state dict.
     # The other adapters hidden: what PEFT would drop first, at a cost that does not grow with them.
-    with warnings.catch_warnings(), on_meta(), other_adapters_hidden(peft_model, adapter_name):
+    prompt_learning = peft_model.peft_config[adapter_name].is_prompt_learning
+    with (
+        warnings.catch_warnings(),
+        on_meta() if prompt_learning else nullcontext(),
+        other_adapters_hidden(peft_model, adapter_name),
+    ):
         warnings.simplefilter("ignore")  # "Could not identify embedding layer(s)": irrelevant here
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
         expected = Expected(

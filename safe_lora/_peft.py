@@ -795,6 +795,9 @@ def complete_deferred(
     """
     from peft.tuners.lora.variants import MontecloraLinearVariant
 
+    config = getattr(peft_model, "peft_config", {}).get(adapter_name)
+    if getattr(config, "monteclora_config", None) is None:
+        return {}  # only a LoRA config with MonteCLoRA gives its layers a sampler: no walk needed
     deferred: dict[nn.Module, list[str]] = {}
     for module in all_modules(peft_model, skip=skip):
         if not isinstance(module, BaseTunerLayer):
