@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,6 @@ from safe_lora._peft import (
     STRUCTURAL_RATES,
     BaseTunerLayer,
     InjectionMode,
-    Placement,
     all_linear_targets,
     cast_adapter_dtype,
     check_new_adapter_config,
@@ -56,6 +56,7 @@ from safe_lora._peft import (
     loading_context,
     module_names_matched,
     move_adapter_to_base_device,
+    move_is_noop,
     other_adapters_hidden,
     peft_model_class,
     peft_type_name,
@@ -430,53 +431,20 @@ def _load_materialized(
     when the file does not fill every tensor the injection made: then only PEFT's own path gives PEFT's
     values.
 
-    The device and dtype of each tensor are PEFT's own: its default path moves a new adapter to the
-    base layer's device and float dtype, then upcasts it (``_move_adapter_to_device_of_base_layer``,
-    ``cast_adapter_dtype``). Those two run here on empty stand-ins of the tensors, and each tensor is
-    then allocated once, where and as they left it: run on full tensors, a bf16 base's adapter would
-    be converted twice (fp32 -> bf16 -> fp32), which cost more than PEFT's whole load of a 1B model.
+    The device and dtype of each tensor are PEFT's own (:func:`_allocate_as_peft_places`).
     """
     peft_model, expected = injected.peft_model, injected.expected
-    # Where the new tensors sit, found once: PEFT's move and upcast replace entries, never add any.
-    positions = [(getattr(holder, slot), key, tensor) for holder, slot, key, tensor in snapshot.new_tensors()]
-    stand_ins: dict[int, torch.Tensor] = {}  # a tensor two layers share gets one stand-in
-    for entries, key, tensor in positions:
-        if not tensor.is_meta:
-            return None  # made by the injection from real values: PEFT's path must make it
-        stand_in = stand_ins.get(id(tensor))
-        if stand_in is None:
-            stand_in = stand_ins[id(tensor)] = _like(tensor, torch.empty(0, dtype=tensor.dtype))
-        entries[key] = stand_in
-    # Every module but the adapters loaded before (an injection does not build into them), walked once
-    # for the meta check and PEFT's device move.
+    # Every module but the adapters loaded before (an injection does not build into them), walked once:
+    # where the new tensors sit (PEFT's move and upcast replace entries, never add any), what is
+    # still on the meta device, and where the other tensors are.
     modules = all_modules(peft_model, skip=snapshot.sealed)
-    scan = _scan(peft_model, modules)
-    if scan.meta_left:
-        return None
+    scan = _scan(peft_model, modules, known=snapshot.known_tensor_ids())
+    if scan.meta_left or not all(tensor.is_meta for _, _, tensor in scan.new):
+        return None  # a tensor made from real values, or one left on meta: PEFT's path must make it
     with _recorded_warnings() as recorded:
-        # What PEFT's default path does after creating the tensors, on the stand-ins. None of the
-        # adapter's tensors sits in the adapters loaded before (whose own modules the snapshot does
-        # not walk, and which PEFT does not touch): the tuner layers that hold them are among the others.
-        with other_adapters_hidden(peft_model, name):
-            move_adapter_to_base_device(modules, name, placement=scan.placement)
-        # PEFT's injection already upcast the adapter (on the meta tensors the stand-ins copy): only
-        # what the move turned to half precision is left for it to do.
-        if options.autocast_adapter_dtype and upcast_changes(e[k] for e, k, _ in positions if k in e):
-            with other_adapters_hidden(peft_model, name):
-                cast_adapter_dtype(peft_model, name, autocast=True)
-        made: dict[int, torch.Tensor] = {}
-        reals: list[torch.Tensor] = []
-        for entries, key, tensor in positions:
-            stand_in = entries.get(key)
-            if stand_in is None or stand_in.numel():
-                return None  # not where it was made: only PEFT's own path knows what it is
-            real = made.get(id(stand_in))
-            if real is None:
-                real = made[id(stand_in)] = _like(
-                    stand_in, torch.empty(tensor.shape, dtype=stand_in.dtype, device=stand_in.device)
-                )
-            entries[key] = real
-            reals.append(real)
+        reals = _allocate_as_peft_places(peft_model, modules, scan, name=name, options=options)
+        if reals is None:
+            return None
         with (
             loading_context(peft_model, name),
             _shielded(peft_model, snapshot) as unshield,
@@ -520,35 +488,42 @@ class _Scan:
     """What one walk of the modules an injection built into found.
 
     Attributes:
-        meta_left: A tensor the injection made is still on the meta device.
-        placement: The one device and the one floating dtype every parameter and buffer has, when
-            they all share one (``None`` otherwise): PEFT's device move may then be a no-op.
+        new: ``(slot, key, tensor)`` for every tensor the load created: ``slot[key]`` is where it sits
+            (a module's ``_parameters`` or ``_buffers``); one shared by two modules is listed twice.
+        meta_left: A tensor that existed before is on the meta device, or a tuner layer keeps a meta
+            tensor in a plain attribute (those are not listed in ``new``).
+        devices: The devices of the tensors that existed before.
+        float_dtypes: Their floating-point and complex dtypes.
     """
 
+    new: list[tuple[dict[str, torch.Tensor], str, torch.Tensor]]
     meta_left: bool
-    placement: Placement | None
+    devices: set[torch.device] = field(default_factory=set)
+    float_dtypes: set[torch.dtype] = field(default_factory=set)
 
 
-def _scan(peft_model: nn.Module, modules: list[nn.Module]) -> _Scan:
-    """Whether any tensor the injection made is still on the meta device -- a parameter or buffer, or
-    a tensor a tuner layer keeps in a plain attribute (FourierFT's and WaveFT's indices, new entries of
-    an existing layer's dict when an adapter is added), among ``modules`` or in what the tuner keeps
-    outside the module tree -- and where the parameters and buffers are. Plain loops: this runs on
-    every load."""
+def _scan(peft_model: nn.Module, modules: list[nn.Module], *, known: AbstractSet[int]) -> _Scan:
+    """The new tensors among ``modules`` (those whose ids ``known`` lacks), and whether any other tensor
+    is on the meta device -- a parameter or buffer, or a tensor a tuner layer keeps in a plain attribute
+    (FourierFT's and WaveFT's indices, new entries of an existing layer's dict when an adapter is
+    added), also in what the tuner keeps outside the module tree. Plain loops: this runs on every load."""
+    new: list[tuple[dict[str, torch.Tensor], str, torch.Tensor]] = []
     devices: set[torch.device] = set()
     dtypes: set[torch.dtype] = set()
-    meta = _Scan(meta_left=True, placement=None)
+    meta = _Scan(new, meta_left=True)
     for module in modules:
-        for slot in (module._parameters, module._buffers):
+        for slot in _slots(module):
             if slot:
-                for tensor in slot.values():
+                for key, tensor in slot.items():
                     if tensor is None:
+                        continue
+                    if id(tensor) not in known:
+                        new.append((slot, key, tensor))
                         continue
                     if tensor.is_meta:
                         return meta
                     devices.add(tensor.device)
-                    if tensor.is_floating_point() or tensor.is_complex():
-                        dtypes.add(tensor.dtype)
+                    dtypes.add(tensor.dtype)
         if isinstance(module, BaseTunerLayer):
             for key, value in vars(module).items():
                 if key in _MODULE_TREE:
@@ -569,8 +544,72 @@ def _scan(peft_model: nn.Module, modules: list[nn.Module]) -> _Scan:
                 for held in item if isinstance(item, (list, tuple)) else (item,):
                     if isinstance(held, nn.Module) and any(t.is_meta for t in held.parameters()):
                         return meta
-    one = len(devices) == 1 and len(dtypes) == 1
-    return _Scan(meta_left=False, placement=(next(iter(devices)), next(iter(dtypes))) if one else None)
+    floats = {d for d in dtypes if d.is_floating_point or d.is_complex}
+    return _Scan(new, meta_left=False, devices=devices, float_dtypes=floats)
+
+
+def _slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    return (module._parameters, module._buffers)  # type: ignore[return-value]
+
+
+def _allocate_as_peft_places(
+    peft_model: PeftModel, modules: list[nn.Module], scan: _Scan, *, name: str, options: AttachOptions
+) -> list[torch.Tensor] | None:
+    """Put an empty tensor where each meta tensor the injection made sits, on the device and in the
+    dtype PEFT's default path gives it; return them (``None`` when PEFT's path must decide).
+
+    PEFT's default path makes a new adapter's tensors on the default device, moves them to the base
+    layer's device and float dtype, then upcasts half precision to float32
+    (``_move_adapter_to_device_of_base_layer``, ``cast_adapter_dtype``). Where every tensor already has
+    the one device and float dtype each layer's base gives and nothing is in half precision, those two
+    provably change nothing (:func:`~safe_lora._peft.move_is_noop`): each tensor is allocated as it
+    is. Otherwise both run on 0-element stand-ins, and each tensor is allocated where and as they left
+    it: run on full tensors, a bf16 base's adapter would be converted twice (fp32 -> bf16 -> fp32),
+    which cost more than PEFT's whole load of a 1B model.
+    """
+    made_on = torch.get_default_device()
+    upcast = options.autocast_adapter_dtype and upcast_changes(t for _, _, t in scan.new)
+    news = {t.dtype for _, _, t in scan.new if t.is_floating_point() or t.is_complex()}
+    devices, floats = scan.devices | {made_on}, scan.float_dtypes | news
+    placement = (next(iter(devices)), next(iter(floats))) if len(devices) == 1 and len(floats) == 1 else None
+    made: dict[int, torch.Tensor] = {}
+    reals: list[torch.Tensor] = []
+    if not upcast and placement is not None and move_is_noop(modules, placement):
+        for slot, key, tensor in scan.new:
+            real = made.get(id(tensor))
+            if real is None:
+                real = made[id(tensor)] = _like(tensor, torch.empty(tensor.shape, dtype=tensor.dtype))
+            slot[key] = real
+            reals.append(real)
+        return reals
+    stand_ins: dict[int, torch.Tensor] = {}  # a tensor two layers share gets one stand-in
+    for slot, key, tensor in scan.new:
+        stand_in = stand_ins.get(id(tensor))
+        if stand_in is None:
+            stand_in = stand_ins[id(tensor)] = _like(tensor, torch.empty(0, dtype=tensor.dtype))
+        slot[key] = stand_in
+    # What PEFT's default path does after creating the tensors, on the stand-ins. None of the
+    # adapter's tensors sits in the adapters loaded before (whose own modules the snapshot does not
+    # walk, and which PEFT does not touch): the tuner layers that hold them are among the others.
+    with other_adapters_hidden(peft_model, name):
+        move_adapter_to_base_device(modules, name)
+    # PEFT's injection already upcast the adapter (on the meta tensors the stand-ins copy): only what
+    # the move turned to half precision is left for it to do.
+    if options.autocast_adapter_dtype and upcast_changes(s[k] for s, k, _ in scan.new if k in s):
+        with other_adapters_hidden(peft_model, name):
+            cast_adapter_dtype(peft_model, name, autocast=True)
+    for slot, key, tensor in scan.new:
+        stand_in = slot.get(key)
+        if stand_in is None or stand_in.numel():
+            return None  # not where it was made: only PEFT's own path knows what it is
+        real = made.get(id(stand_in))
+        if real is None:
+            real = made[id(stand_in)] = _like(
+                stand_in, torch.empty(tensor.shape, dtype=stand_in.dtype, device=stand_in.device)
+            )
+        slot[key] = real
+        reals.append(real)
+    return reals
 
 
 def _shielded(peft_model: nn.Module, snapshot: Snapshot) -> AbstractContextManager[Callable[[], None]]:

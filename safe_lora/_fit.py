@@ -23,7 +23,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 
 from safe_lora._checks import Finding
-from safe_lora._meta import on_meta
+from safe_lora._meta import modules_along, on_meta
 from safe_lora._peft import EMBEDDING_LAYER_NAMES, SAVED_PREFIX, BaseTunerLayer, other_adapters_hidden
 from safe_lora._readers import TensorInfo, dtype_name
 from safe_lora.errors import AdapterWeightsError, BaseModelMismatchWarning, _fmt_keys
@@ -76,14 +76,19 @@ def expected_state(peft_model: PeftModel, adapter_name: str, *, file_keys: set[s
         other_adapters_hidden(peft_model, adapter_name),
     ):
         warnings.simplefilter("ignore")  # "Could not identify embedding layer(s)": irrelevant here
-        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+        # The model's state dict passed in: built once for both calls below, and the same answer
+        # (PEFT only adds a warning about unsharded LoRA factors when it builds the dict itself).
+        model_state = peft_model.state_dict()
+        state = get_peft_model_state_dict(
+            peft_model, model_state, adapter_name=adapter_name, save_embedding_layers=False
+        )
         expected = Expected(
             {k: tuple(v.shape) for k, v in state.items()},
             {k: v.is_floating_point() for k, v in state.items()},
         )
         if file_keys - set(expected.shapes):
             full = get_peft_model_state_dict(
-                peft_model, adapter_name=adapter_name, save_embedding_layers=True
+                peft_model, model_state, adapter_name=adapter_name, save_embedding_layers=True
             )
             expected.optional = set(full) - set(expected.shapes)
     return expected
@@ -359,11 +364,11 @@ def _shape_evidence(base: nn.Module, config: Any, header: Mapping[str, TensorInf
         if module is None:
             if path in missing:
                 continue
-            try:
-                module = found_at[path] = base.get_submodule(path)
-            except AttributeError:
+            along = modules_along(base, path)
+            if along is None:
                 missing.add(path)
                 continue
+            module = found_at[path] = along[-1]
         layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         if parts[index] == "lora_A":
             side, expected, found = "in_features", getattr(layer, "in_features", None), entry.shape[1]

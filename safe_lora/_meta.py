@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils._device import DeviceContext, _device_constructors
 
-__all__ = ["MetaTwins", "all_modules", "on_meta", "shielded", "skeleton", "twin_of"]
+__all__ = ["MetaTwins", "all_modules", "modules_along", "on_meta", "shielded", "skeleton", "twin_of"]
 
 
 _META = torch.device("meta")
@@ -257,6 +257,32 @@ def all_modules(model: nn.Module, *, skip: AbstractSet[nn.Module] = frozenset())
         children = module._modules
         if children:
             stack.extend(reversed([c for c in children.values() if c is not None]))
+    return found
+
+
+def modules_along(root: nn.Module, path: str) -> list[nn.Module] | None:
+    """The modules from ``root`` down a dotted submodule ``path`` (``root`` first; ``""`` is ``root``
+    itself), or ``None`` when a name on it is not a submodule.
+
+    ``get_submodule`` asks ``hasattr`` and then ``getattr`` at each step, both through
+    ``nn.Module.__getattr__``; this reads each ``_modules`` dict once (~10x cheaper), for lookups
+    made once per adapter key.
+
+    Example:
+        >>> model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+        >>> [type(m).__name__ for m in modules_along(model, "0.0")]
+        ['Sequential', 'Sequential', 'Linear']
+        >>> modules_along(model, "0.bias") is None
+        True
+    """
+    found = [root]
+    module = root
+    for part in path.split(".") if path else ():
+        child = module._modules.get(part)
+        if child is None:
+            return None
+        found.append(child)
+        module = child
     return found
 
 

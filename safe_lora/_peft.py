@@ -84,6 +84,7 @@ __all__ = [
     "layer_param_names",
     "loading_context",
     "move_adapter_to_base_device",
+    "move_is_noop",
     "other_adapters_hidden",
     "peft_model_class",
     "peft_type_name",
@@ -221,29 +222,25 @@ def upcast_changes(tensors: Iterable[torch.Tensor]) -> bool:
 Placement = tuple[torch.device, torch.dtype]
 
 
-def move_adapter_to_base_device(
-    modules: Iterable[nn.Module], adapter_name: str, *, placement: Placement | None = None
-) -> None:
+def move_adapter_to_base_device(modules: Iterable[nn.Module], adapter_name: str) -> None:
     """Give ``adapter_name``'s tensors in every tuner layer among ``modules`` the device and (float)
     dtype of the layer's base weight, as PEFT's ``update_layer`` does on its default path and
     ``set_peft_model_state_dict`` after an assign load
     (``BaseTunerLayer._move_adapter_to_device_of_base_layer``, which leaves a layer without that
-    adapter alone: ``modules`` need only hold those with it).
+    adapter alone: ``modules`` need only hold those with it)."""
+    for module in modules:
+        if isinstance(module, BaseTunerLayer):
+            module._move_adapter_to_device_of_base_layer(adapter_name)
 
-    Args:
-        modules: The modules to walk (every tuner layer that may hold the adapter among them).
-        adapter_name: The adapter to move.
-        placement: The one device and the one floating dtype that every parameter and buffer among
-            ``modules`` has, when they all share one (the caller's walk found it). Then a layer whose
-            base gives that device and dtype as PEFT's target moves nothing (``Tensor.to`` and
-            ``Module.to`` return what is already there); when every layer's does, PEFT's walk, about
-            50 µs a layer, is skipped.
+
+def move_is_noop(modules: Iterable[nn.Module], placement: Placement) -> bool:
+    """Whether :func:`move_adapter_to_base_device` provably changes nothing, when every parameter and
+    buffer among ``modules`` has ``placement``'s device and every floating one its dtype: then a layer
+    whose base gives that device and dtype as PEFT's target moves nothing (``Tensor.to`` and
+    ``Module.to`` return what is already there). When every layer's does, PEFT's walk -- about 50 µs a
+    layer -- can be skipped.
     """
-    layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
-    if placement is not None and all(_targets_within(layer, placement) for layer in layers):
-        return
-    for layer in layers:
-        layer._move_adapter_to_device_of_base_layer(adapter_name)
+    return all(_targets_within(m, placement) for m in modules if isinstance(m, BaseTunerLayer))
 
 
 def _targets_within(layer: BaseTunerLayer, placement: Placement) -> bool:

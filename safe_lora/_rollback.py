@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from safe_lora._meta import modules_along
 from safe_lora._peft import AuxiliaryTrainingWrapper, BaseTunerLayer
 
 __all__ = ["Snapshot", "holds_quantized", "rollback_on_error", "tensor_at"]
@@ -239,10 +240,15 @@ class Snapshot:
                 yield module
                 pending.extend(c for c in module._modules.values() if c is not None)
 
+    def known_tensor_ids(self) -> set[int]:
+        """The ids of every tensor captured (each parameter and buffer the model held, but in the
+        sealed adapters): a tensor among the unsealed modules whose id is not here is new."""
+        return {id(t) for t, _, _ in self._data}
+
     def new_tensors(self) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
         """``(module, "_parameters" or "_buffers", name, tensor)`` for every tensor the load created:
         new entries of captured modules, and everything in new modules but tensors that existed."""
-        known = {id(t) for t, _, _ in self._data}
+        known = self.known_tensor_ids()
         for module, saved in self.modules.items():
             for slot in ("_parameters", "_buffers"):
                 before = saved.contents.get(slot, {})
@@ -310,20 +316,16 @@ class Snapshot:
 
 def tensor_at(root: nn.Module, key: str) -> tuple[torch.Tensor | None, nn.Module | None, list[nn.Module]]:
     """The parameter or buffer a state-dict ``key`` of ``root`` names, its owner and the modules on
-    the way there; ``(None, None, path)`` when the key names nothing.
+    the way there; no tensor and no owner when the key names nothing.
 
     A walk of the key's path only: no ``state_dict()`` of the whole model, so it costs the same
     whatever else the model holds.
     """
-    *parts, leaf = key.split(".")
-    module: nn.Module | None = root
-    path: list[nn.Module] = [root]
-    for part in parts:
-        module = module._modules.get(part) if module is not None else None
-        if module is None:
-            return None, None, path
-        path.append(module)
-    assert module is not None
+    owner_path, _, leaf = key.rpartition(".")
+    path = modules_along(root, owner_path)
+    if path is None:
+        return None, None, []
+    module = path[-1]
     tensor: torch.Tensor | None = module._parameters.get(leaf)
     if tensor is None:
         tensor = module._buffers.get(leaf)

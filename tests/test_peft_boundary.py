@@ -23,7 +23,6 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import safe_lora._peft as boundary
-from safe_lora._attach import _scan
 from safe_lora._fit import expected_state
 from safe_lora._meta import MetaTwins, all_modules, on_meta
 
@@ -234,6 +233,13 @@ def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.device, to
     return [(k, t, t.device, t.dtype) for k, t in model.state_dict(keep_vars=True).items()]
 
 
+def _placement(model: nn.Module) -> boundary.Placement | None:
+    """The one device and floating dtype of every tensor of ``model``, if they share one."""
+    devices = {t.device for _, t, _, _ in _tensors(model)}
+    floats = {t.dtype for _, t, _, _ in _tensors(model) if t.is_floating_point()}
+    return (devices.pop(), floats.pop()) if len(devices) == 1 and len(floats) == 1 else None
+
+
 @pytest.mark.parametrize("tuner", tuner_params([t for t in TUNERS if t.available]))
 def test_a_device_move_skipped_as_a_no_op_is_one_in_peft(tuner: object) -> None:
     # safe_lora skips PEFT's device move when every tensor already has the one device and dtype each
@@ -242,44 +248,26 @@ def test_a_device_move_skipped_as_a_no_op_is_one_in_peft(tuner: object) -> None:
     config = copy.deepcopy(t.config())  # type: ignore[attr-defined]
     model = peft.get_peft_model(make_base(t.base), config)  # type: ignore[attr-defined]
     modules = all_modules(model)
-    scan = _scan(model, modules)
-    layers = [m for m in modules if isinstance(m, boundary.BaseTunerLayer)]
-    if scan.placement is None or not all(boundary._targets_within(m, scan.placement) for m in layers):
+    placement = _placement(model)
+    if placement is None or not boundary.move_is_noop(modules, placement):
         pytest.skip("safe_lora runs PEFT's move here")
     before = _tensors(model)
-    for layer in layers:
-        layer._move_adapter_to_device_of_base_layer("default")
+    boundary.move_adapter_to_base_device(modules, "default")
     after = _tensors(model)
     assert [(k, id(t), d, dt) for k, t, d, dt in after] == [(k, id(t), d, dt) for k, t, d, dt in before]
 
 
-def _lora_on(base: nn.Module) -> peft.PeftModel:
-    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
-    return peft.get_peft_model(base, config, autocast_adapter_dtype=False)
-
-
-def test_the_device_move_runs_where_a_layer_s_base_differs() -> None:
+def test_a_layer_whose_base_computes_in_another_dtype_is_moved() -> None:
     # Every tensor in float32, but one base layer computes in bfloat16 (what bitsandbytes' 4-bit
-    # layers declare with compute_dtype): PEFT's move gives that layer's adapter bfloat16, and so must
-    # the skip-or-run decision.
-    model = _lora_on(make_base("llama"))
-    layers = [m for m in model.modules() if isinstance(m, boundary.BaseTunerLayer)]
+    # layers declare with compute_dtype): PEFT's move gives that layer's adapter bfloat16, so the move
+    # is not a no-op.
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(make_base("llama"), config, autocast_adapter_dtype=False)
+    modules = all_modules(model)
+    assert _placement(model) == (torch.device("cpu"), torch.float32)
+    assert boundary.move_is_noop(modules, (torch.device("cpu"), torch.float32))
+    layers = [m for m in modules if isinstance(m, boundary.BaseTunerLayer)]
     layers[0].get_base_layer().compute_dtype = torch.bfloat16
-    modules = all_modules(model)
-    placement = _scan(model, modules).placement
-    assert placement == (torch.device("cpu"), torch.float32)
-    boundary.move_adapter_to_base_device(modules, "default", placement=placement)
+    assert not boundary.move_is_noop(modules, (torch.device("cpu"), torch.float32))
+    boundary.move_adapter_to_base_device(modules, "default")
     assert layers[0].lora_A["default"].weight.dtype == torch.bfloat16
-    assert all(m.lora_A["default"].weight.dtype == torch.float32 for m in layers[1:])
-
-
-def test_the_device_move_runs_where_tensors_differ() -> None:
-    # A bfloat16 base whose adapter was made in float32: no one placement, so PEFT's move runs.
-    model = _lora_on(make_base("llama").to(torch.bfloat16))
-    for m in model.modules():
-        if isinstance(m, boundary.BaseTunerLayer):
-            m.lora_A["default"].float()
-    modules = all_modules(model)
-    assert _scan(model, modules).placement is None
-    boundary.move_adapter_to_base_device(modules, "default", placement=None)
-    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
