@@ -45,7 +45,9 @@ from safe_lora._patterns import resolve_patterns
 from safe_lora._peft import (
     INJECTION_MODES,
     STRUCTURAL_RATES,
+    WRAPPED_CHILDREN,
     BaseTunerLayer,
+    BufferDict,
     InjectionMode,
     all_linear_targets,
     cast_adapter_dtype,
@@ -60,6 +62,7 @@ from safe_lora._peft import (
     other_adapters_hidden,
     peft_model_class,
     peft_type_name,
+    placement_kept,
     remap_keys,
     rewrites_base,
     shapes_config,
@@ -442,7 +445,7 @@ def _load_materialized(
     if scan.meta_left or not all(tensor.is_meta for _, _, tensor in scan.new):
         return None  # a tensor made from real values, or one left on meta: PEFT's path must make it
     with _recorded_warnings() as recorded:
-        reals = _allocate_as_peft_places(peft_model, modules, scan, name=name, options=options)
+        reals = _allocate_as_peft_places(peft_model, modules, scan, snapshot, name=name, options=options)
         if reals is None:
             return None
         with (
@@ -548,24 +551,91 @@ def _scan(peft_model: nn.Module, modules: list[nn.Module], *, known: AbstractSet
     return _Scan(new, meta_left=False, devices=devices, float_dtypes=floats)
 
 
+def _round_trip_kept(
+    peft_model: PeftModel,
+    modules: list[nn.Module],
+    scan: _Scan,
+    snapshot: Snapshot,
+    *,
+    name: str,
+    made_on: torch.device,
+    upcast: bool,
+) -> bool:
+    """Whether PEFT's move and upcast give every new tensor back the device and dtype it has, and
+    re-create it alike: then it can be allocated as it is.
+
+    The move gives each adapter tensor of a tuner layer its base's device and float dtype; the upcast
+    then turns half precision back into float32 (:func:`~safe_lora._peft.placement_kept` says whether
+    that ends where it began). Along the way ``Module.to`` keeps a parameter object and the upcast
+    replaces it by a plain ``nn.Parameter`` with the same ``requires_grad``: alike only for plain
+    parameters without attributes of their own, held by modules (a ``ParameterDict`` entry is re-made
+    as ``ParameterDict`` makes it; a buffer is moved but never upcast). And the move reaches all of an
+    adapter entry: every tensor there must be one of these (no module or tensor that existed before
+    inside a new module, but the base it wraps).
+    """
+    dtypes = {t.dtype for _, _, t in scan.new}
+    if len(dtypes) != 1 or not scan.new:
+        return False
+    dtype = next(iter(dtypes))
+    if not dtype.is_floating_point:
+        return False
+    for _, _, tensor in scan.new:
+        if type(tensor) is not nn.Parameter or vars(tensor):
+            return False
+    if not placement_kept(modules, (made_on, dtype), upcast=upcast):
+        return False
+    new_params = {id(slot) for slot, _, _ in scan.new}
+    captured, known = snapshot.modules, snapshot.known_tensor_ids()
+    for module in modules:
+        fresh = module not in captured
+        is_container = isinstance(module, _PER_ADAPTER)
+        if id(module._parameters) in new_params and isinstance(module, nn.ParameterDict):
+            return False  # ParameterDict re-makes its entries
+        if fresh or is_container:
+            for child_name, child in module._modules.items():
+                if child is None or child not in captured:
+                    continue
+                if is_container and child_name == name:
+                    return False  # an existing module as this adapter's entry
+                if fresh and child_name not in WRAPPED_CHILDREN:
+                    return False  # an existing module inside a new one, and not the base it wraps
+        if fresh or is_container:
+            for slot in _slots(module):
+                for key, tensor in slot.items():
+                    if tensor is not None and id(tensor) in known and (fresh or key == name):
+                        return False
+    return True
+
+
+_PER_ADAPTER = (nn.ModuleDict, nn.ParameterDict, BufferDict)
+
+
 def _slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return (module._parameters, module._buffers)  # type: ignore[return-value]
 
 
 def _allocate_as_peft_places(
-    peft_model: PeftModel, modules: list[nn.Module], scan: _Scan, *, name: str, options: AttachOptions
+    peft_model: PeftModel,
+    modules: list[nn.Module],
+    scan: _Scan,
+    snapshot: Snapshot,
+    *,
+    name: str,
+    options: AttachOptions,
 ) -> list[torch.Tensor] | None:
     """Put an empty tensor where each meta tensor the injection made sits, on the device and in the
     dtype PEFT's default path gives it; return them (``None`` when PEFT's path must decide).
 
     PEFT's default path makes a new adapter's tensors on the default device, moves them to the base
     layer's device and float dtype, then upcasts half precision to float32
-    (``_move_adapter_to_device_of_base_layer``, ``cast_adapter_dtype``). Where every tensor already has
-    the one device and float dtype each layer's base gives and nothing is in half precision, those two
-    provably change nothing (:func:`~safe_lora._peft.move_is_noop`): each tensor is allocated as it
-    is. Otherwise both run on 0-element stand-ins, and each tensor is allocated where and as they left
-    it: run on full tensors, a bf16 base's adapter would be converted twice (fp32 -> bf16 -> fp32),
-    which cost more than PEFT's whole load of a 1B model.
+    (``_move_adapter_to_device_of_base_layer``, ``cast_adapter_dtype``). Each tensor is allocated as
+    it is where those two provably leave it so: every tensor already has the one device and float
+    dtype each layer's base gives and nothing is in half precision
+    (:func:`~safe_lora._peft.move_is_noop`), or the move's cast is one the upcast undoes
+    (:func:`_round_trip_kept`: a bf16 base's float32 adapter). Otherwise both run on 0-element
+    stand-ins, and each tensor is allocated where and as they left it: run on full tensors, a bf16
+    base's adapter would be converted twice (fp32 -> bf16 -> fp32), which cost more than PEFT's whole
+    load of a 1B model; run on stand-ins, they cost ~100 µs a layer.
     """
     made_on = torch.get_default_device()
     upcast = options.autocast_adapter_dtype and upcast_changes(t for _, _, t in scan.new)
@@ -574,7 +644,9 @@ def _allocate_as_peft_places(
     placement = (next(iter(devices)), next(iter(floats))) if len(devices) == 1 and len(floats) == 1 else None
     made: dict[int, torch.Tensor] = {}
     reals: list[torch.Tensor] = []
-    if not upcast and placement is not None and move_is_noop(modules, placement):
+    if (not upcast and placement is not None and move_is_noop(modules, placement)) or _round_trip_kept(
+        peft_model, modules, scan, snapshot, name=name, made_on=made_on, upcast=options.autocast_adapter_dtype
+    ):
         for slot, key, tensor in scan.new:
             real = made.get(id(tensor))
             if real is None:

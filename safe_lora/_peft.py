@@ -33,7 +33,7 @@ from peft.tuners.tuners_utils import (
     check_target_module_exists,
     replicate_layers,
 )
-from peft.utils.constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.utils.constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, UPCAST_DTYPES
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -58,6 +58,7 @@ __all__ = [
     "TUNER_BASE_CHILD",
     "TUNER_LAYER_BASE_CHILD",
     "TUNER_PREFIX",
+    "UPCAST_TO_FLOAT32",
     "WRAPPED_CHILDREN",
     "AuxiliaryTrainingWrapper",
     "BaseTuner",
@@ -88,6 +89,7 @@ __all__ = [
     "other_adapters_hidden",
     "peft_model_class",
     "peft_type_name",
+    "placement_kept",
     "refuses_inference_mode",
     "remap_keys",
     "replicate_layers",
@@ -240,22 +242,51 @@ def move_is_noop(modules: Iterable[nn.Module], placement: Placement) -> bool:
     ``Module.to`` return what is already there). When every layer's does, PEFT's walk -- about 50 µs a
     layer -- can be skipped.
     """
-    return all(_targets_within(m, placement) for m in modules if isinstance(m, BaseTunerLayer))
+    return placement_kept(modules, placement, upcast=False)
 
 
-def _targets_within(layer: BaseTunerLayer, placement: Placement) -> bool:
-    """Whether the device and dtype ``_move_adapter_to_device_of_base_layer`` aims ``layer``'s adapter
-    at are ``placement``'s (or none: then it moves nothing, or casts nothing). The target is PEFT's own
-    ``_get_base_layer_device_and_dtype`` of the base layer, a ``MultiheadAttention``'s ``out_proj``
-    standing for it as in PEFT 0.21; only a floating or complex target dtype casts."""
+# What PEFT 0.21's cast_adapter_dtype turns into float32 (peft/tuners/tuners_utils.py): float16,
+# bfloat16, and the float8 dtypes of peft.utils.UPCAST_DTYPES this torch has.
+UPCAST_TO_FLOAT32: frozenset[torch.dtype] = frozenset(
+    {torch.float16, torch.bfloat16}
+    | {d for name in UPCAST_DTYPES if isinstance(d := getattr(torch, name, None), torch.dtype)}
+)
+
+
+def placement_kept(modules: Iterable[nn.Module], placement: Placement, *, upcast: bool) -> bool:
+    """Whether every tuner layer among ``modules`` leaves an adapter tensor at ``placement`` (a device
+    and a floating dtype) there: PEFT's ``_move_adapter_to_device_of_base_layer`` gives it the base's
+    device and floating dtype, then (``upcast``: PEFT's ``autocast_adapter_dtype``)
+    ``cast_adapter_dtype`` turns :data:`UPCAST_TO_FLOAT32` into float32.
+
+    Where the move changes the dtype and the upcast changes it back, only the placement is kept, not
+    the objects: the caller must know the tensors are ones PEFT re-creates alike (see
+    ``safe_lora._attach``).
+    """
+    for layer in modules:
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        device, dtype = _base_target(layer)
+        if device is not None and device != placement[0]:
+            return False
+        if dtype is None or not (dtype.is_floating_point or dtype.is_complex):
+            continue  # PEFT casts to the base's dtype only when it is a float
+        final = torch.float32 if upcast and dtype in UPCAST_TO_FLOAT32 else dtype
+        if final != placement[1]:
+            return False
+    return True
+
+
+def _base_target(layer: BaseTunerLayer) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype ``_move_adapter_to_device_of_base_layer`` aims ``layer``'s adapter at: PEFT's
+    own ``_get_base_layer_device_and_dtype`` of the base layer, a ``MultiheadAttention``'s ``out_proj``
+    standing for it as in PEFT 0.21 (``None``: it moves nothing, or casts nothing)."""
     base = layer.get_base_layer()
     if isinstance(base, nn.MultiheadAttention):
         base = base.out_proj
     peft_layer: Any = layer  # PEFT leaves the helper unannotated
     device, dtype = peft_layer._get_base_layer_device_and_dtype(base)
-    if device is not None and device != placement[0]:
-        return False
-    return dtype is None or not (dtype.is_floating_point or dtype.is_complex) or dtype == placement[1]
+    return device, dtype
 
 
 def set_layer_active_adapters(layer: BaseTunerLayer, names: list[str]) -> None:

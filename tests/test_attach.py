@@ -17,10 +17,13 @@ from typing import Any
 import peft
 import pytest
 import torch
+from _tuners import TUNERS, make_base, tuner_params
 from conftest import save_adapter, tiny_llama
 from peft import PeftModel
+from torch import nn
 
 from safe_lora import load_adapter, load_for_inference, load_for_training
+from safe_lora.errors import SafeLoraError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -99,3 +102,39 @@ def test_strict_false_keeps_peft_s_init_for_missing_keys_without_drawing(tmp_pat
 def _seeded_draw_after_nothing(seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     return torch.rand(8)
+
+
+def _params(model: nn.Module) -> dict[str, tuple[type, bool, torch.dtype, torch.device, dict[str, Any]]]:
+    return {
+        n: (type(p), p.requires_grad, p.dtype, p.device, dict(vars(p)))
+        for n, p in model.named_parameters(remove_duplicate=False)
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("tuner", tuner_params([t for t in TUNERS if t.available]))
+def test_every_parameter_is_the_kind_peft_makes(
+    tuner: Any, training: bool, dtype: torch.dtype, tmp_path: Path
+) -> None:
+    # Where PEFT's device move and upcast provably leave the new tensors as made, they are allocated
+    # directly, without running either: each parameter must still be what raw PEFT's load gives it --
+    # its class, requires_grad, dtype, device and own attributes.
+    base = make_base(tuner.base).to(dtype)
+    path = save_adapter(make_base(tuner.base), copy.deepcopy(tuner.config()), tmp_path / "a")
+    try:
+        torch.manual_seed(0)
+        ref = PeftModel.from_pretrained(copy.deepcopy(base), str(path), is_trainable=training)
+    except Exception as exc:  # a tuner raw PEFT cannot load on this base / dtype
+        pytest.skip(f"raw PEFT: {type(exc).__name__}: {str(exc)[:120]}")
+    loader = load_for_training if training else load_for_inference
+    try:
+        ours = loader(copy.deepcopy(base), path)
+    except SafeLoraError as exc:  # refused, e.g. a no-op adapter: nothing to compare
+        pytest.skip(f"refused: {exc}"[:160])
+    want, got = _params(ref), _params(ours)
+    if not training:  # frozen for inference, by design (raw PEFT leaves some ParameterDict entries on)
+        assert not any(v[1] for v in got.values())
+        want = {n: (v[0], False, *v[2:]) for n, v in want.items()}
+    assert {n: v[:4] for n, v in got.items()} == {n: v[:4] for n, v in want.items()}
+    assert {n: sorted(v[4]) for n, v in got.items()} == {n: sorted(v[4]) for n, v in want.items()}
