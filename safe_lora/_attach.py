@@ -345,8 +345,11 @@ def attach(
         # The real tensors go back before anything else: the snapshot restores only the modules it
         # captured, and the twins may also sit in the adapters loaded before (which it only seals).
         written = injected.twins.written() if injected.twins is not None else []
+        # Every module but the adapters loaded before (an injection does not build into them), walked
+        # once for putting the real tensors back and for the load.
+        modules = all_modules(injected.peft_model, skip=snapshot.sealed)
         if injected.twins is not None:
-            injected.twins.restore(injected.peft_model)
+            injected.twins.restore(injected.peft_model, modules=modules)
         loaded = None
         fast = (
             injected.mode == "meta"
@@ -359,7 +362,14 @@ def attach(
         )
         if fast:
             loaded = _load_materialized(
-                injected, adapter, tensors, name=name, strict=strict, options=options, snapshot=snapshot
+                injected,
+                adapter,
+                tensors,
+                modules,
+                name=name,
+                strict=strict,
+                options=options,
+                snapshot=snapshot,
             )
         if loaded is None:
             snapshot.restore()
@@ -424,6 +434,7 @@ def _load_materialized(
     injected: Injected,
     adapter: AdapterOnDisk,
     tensors: dict[str, torch.Tensor],
+    modules: list[nn.Module],
     *,
     name: str,
     strict: bool,
@@ -437,10 +448,9 @@ def _load_materialized(
     The device and dtype of each tensor are PEFT's own (:func:`_allocate_as_peft_places`).
     """
     peft_model, expected = injected.peft_model, injected.expected
-    # Every module but the adapters loaded before (an injection does not build into them), walked once:
-    # where the new tensors sit (PEFT's move and upcast replace entries, never add any), what is
-    # still on the meta device, and where the other tensors are.
-    modules = all_modules(peft_model, skip=snapshot.sealed)
+    # One walk of ``modules`` (all but the adapters loaded before): where the new tensors sit (PEFT's
+    # move and upcast replace entries, never add any), what is still on the meta device, and where
+    # the other tensors are.
     scan = _scan(peft_model, modules, known=snapshot.known_tensor_ids())
     if scan.meta_left or not all(tensor.is_meta for _, _, tensor in scan.new):
         return None  # a tensor made from real values, or one left on meta: PEFT's path must make it

@@ -216,13 +216,14 @@ class MetaTwins:
             if twin._version != version or _storage_key(twin) != storage
         ]
 
-    def restore(self, model: nn.Module) -> None:
+    def restore(self, model: nn.Module, *, modules: list[nn.Module] | None = None) -> None:
         """Put the real tensors back wherever a twin sits in ``model``, with the ``requires_grad`` the
-        twin ended with (PEFT freezes the base weights while injecting)."""
+        twin ended with (PEFT freezes the base weights while injecting). ``modules``: the caller's walk
+        of ``model`` (``all_modules(model, skip=...)`` with this ``skip``), to save one."""
         real = self._real
         if not real:
             return  # nothing was swapped (e.g. no tensor ``only`` accepted): nothing to look for
-        for module in all_modules(model, skip=self._skip):
+        for module in modules if modules is not None else all_modules(model, skip=self._skip):
             for slot in _slots(module):
                 if not slot:
                     continue
