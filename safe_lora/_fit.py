@@ -23,8 +23,14 @@ from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 
 from safe_lora._checks import Finding
-from safe_lora._meta import modules_along, on_meta
-from safe_lora._peft import EMBEDDING_LAYER_NAMES, SAVED_PREFIX, BaseTunerLayer, other_adapters_hidden
+from safe_lora._meta import all_modules, modules_along, on_meta
+from safe_lora._peft import (
+    EMBEDDING_LAYER_NAMES,
+    SAVED_PREFIX,
+    BaseTunerLayer,
+    legacy_tp_walk_skipped,
+    other_adapters_hidden,
+)
 from safe_lora._readers import TensorInfo, dtype_name
 from safe_lora.errors import AdapterWeightsError, BaseModelMismatchWarning, _fmt_keys
 
@@ -74,6 +80,7 @@ def expected_state(peft_model: PeftModel, adapter_name: str, *, file_keys: set[s
         warnings.catch_warnings(),
         on_meta() if prompt_learning else nullcontext(),
         other_adapters_hidden(peft_model, adapter_name),
+        legacy_tp_walk_skipped(peft_model, all_modules(peft_model)),
     ):
         warnings.simplefilter("ignore")  # "Could not identify embedding layer(s)": irrelevant here
         # The model's state dict passed in: built once for both calls below, and the same answer

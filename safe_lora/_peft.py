@@ -83,6 +83,7 @@ __all__ = [
     "is_router",
     "layer_adapters",
     "layer_param_names",
+    "legacy_tp_walk_skipped",
     "loading_context",
     "move_adapter_to_base_device",
     "move_is_noop",
@@ -287,6 +288,30 @@ def _base_target(layer: BaseTunerLayer) -> tuple[torch.device | None, torch.dtyp
     peft_layer: Any = layer  # PEFT leaves the helper unannotated
     device, dtype = peft_layer._get_base_layer_device_and_dtype(base)
     return device, dtype
+
+
+@contextmanager
+def legacy_tp_walk_skipped(peft_model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Around PEFT's ``get_peft_model_state_dict``: the same answer without its legacy
+    tensor-parallel walk, when that walk provably finds nothing.
+
+    PEFT 0.21 (peft/utils/save_and_load.py, ``_get_tp_info``) first collects the ``_tp_info`` its
+    LoRA layers carry under the legacy TP integration: when the model has a ``_tp_plan`` -- which
+    transformers gives every Llama, sharded or not -- it asks ``hasattr(module, "_tp_info")`` of every
+    module, each a failing ``nn.Module.__getattr__`` (~2 ms on a 1,000-module model). PEFT sets
+    ``_tp_info`` as a plain attribute, in the module's ``__dict__``; when no module among ``modules``
+    (all of ``peft_model``'s) has one, that walk returns ``None`` -- as it does when the model has no
+    ``_tp_plan``, which the block then shows PEFT on the ``PeftModel`` itself.
+    """
+    own = vars(peft_model)
+    if "_tp_plan" in own or any("_tp_info" in vars(m) for m in modules):
+        yield
+        return
+    own["_tp_plan"] = None
+    try:
+        yield
+    finally:
+        own.pop("_tp_plan", None)
 
 
 def set_layer_active_adapters(layer: BaseTunerLayer, names: list[str]) -> None:

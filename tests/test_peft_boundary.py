@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import importlib.metadata
 from pathlib import Path
+from typing import Any
 
 import peft
 import pytest
@@ -271,3 +272,44 @@ def test_a_layer_whose_base_computes_in_another_dtype_is_moved() -> None:
     assert not boundary.move_is_noop(modules, (torch.device("cpu"), torch.float32))
     boundary.move_adapter_to_base_device(modules, "default")
     assert layers[0].lora_A["default"].weight.dtype == torch.bfloat16
+
+
+class _Watched(nn.Module):
+    """A module that records every attribute lookup that misses (what ``hasattr`` of a missing one does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.misses: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "misses":
+            self.__dict__.setdefault("misses", []).append(name)
+        return super().__getattr__(name)
+
+
+def test_the_legacy_tp_walk_is_skipped_only_where_it_finds_nothing() -> None:
+    # PEFT's get_peft_model_state_dict asks every module for `_tp_info` when the model has a
+    # `_tp_plan` (every transformers Llama has one). safe_lora skips that walk when no module holds
+    # `_tp_info`: the same state dict, the walk not made, the PeftModel as it was after.
+    from peft.utils.save_and_load import _get_tp_info
+
+    model = peft.get_peft_model(make_base("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert getattr(model, "_tp_plan", None) is not None  # so PEFT would walk
+    watched = _Watched()
+    model.base_model.model.add_module("watched", watched)
+    want = get_peft_model_state_dict(model)
+    _get_tp_info(model)
+    assert "_tp_info" in watched.misses  # the walk PEFT makes
+    watched.misses.clear()
+    with boundary.legacy_tp_walk_skipped(model, all_modules(model)):
+        assert _get_tp_info(model) is None
+        got = get_peft_model_state_dict(model)
+    assert "_tp_info" not in watched.misses
+    assert "_tp_plan" not in vars(model)
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in want.items()}
+
+    # A module with legacy TP info: PEFT must see the model's plan and collect it.
+    layer = next(m for m in model.modules() if isinstance(m, boundary.BaseTunerLayer))
+    layer._tp_info = object()  # type: ignore[assignment]
+    with boundary.legacy_tp_walk_skipped(model, all_modules(model)):
+        assert getattr(model, "_tp_plan", None) is not None
