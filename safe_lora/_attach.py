@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -40,7 +40,7 @@ from torch import nn
 
 from safe_lora._checks import AdapterOnDisk, Finding, raise_first
 from safe_lora._fit import Expected, expected_state, fit_findings
-from safe_lora._meta import MetaTwins, all_modules, on_meta, shielded
+from safe_lora._meta import MetaTwins, all_modules, on_meta, shielded, tensor_slots
 from safe_lora._patterns import resolve_patterns
 from safe_lora._peft import (
     INJECTION_MODES,
@@ -451,11 +451,14 @@ def _load_materialized(
     # One walk of ``modules`` (all but the adapters loaded before): where the new tensors sit (PEFT's
     # move and upcast replace entries, never add any), what is still on the meta device, and where
     # the other tensors are.
-    scan = _scan(peft_model, modules, known=snapshot.known_tensor_ids())
+    known = snapshot.known_tensor_ids()
+    scan = _scan(peft_model, modules, known=known)
     if scan.meta_left or not all(tensor.is_meta for _, _, tensor in scan.new):
         return None  # a tensor made from real values, or one left on meta: PEFT's path must make it
     with _recorded_warnings() as recorded:
-        reals = _allocate_as_peft_places(peft_model, modules, scan, snapshot, name=name, options=options)
+        reals = _allocate_as_peft_places(
+            peft_model, modules, scan, snapshot, known, name=name, options=options
+        )
         if reals is None:
             return None
         with (
@@ -509,7 +512,7 @@ class _Scan:
         float_dtypes: Their floating-point and complex dtypes.
     """
 
-    new: list[tuple[dict[str, torch.Tensor], str, torch.Tensor]]
+    new: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]]
     meta_left: bool
     devices: set[torch.device] = field(default_factory=set)
     float_dtypes: set[torch.dtype] = field(default_factory=set)
@@ -520,12 +523,12 @@ def _scan(peft_model: nn.Module, modules: list[nn.Module], *, known: AbstractSet
     is on the meta device -- a parameter or buffer, or a tensor a tuner layer keeps in a plain attribute
     (FourierFT's and WaveFT's indices, new entries of an existing layer's dict when an adapter is
     added), also in what the tuner keeps outside the module tree. Plain loops: this runs on every load."""
-    new: list[tuple[dict[str, torch.Tensor], str, torch.Tensor]] = []
+    new: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
     devices: set[torch.device] = set()
     dtypes: set[torch.dtype] = set()
     meta = _Scan(new, meta_left=True)
     for module in modules:
-        for slot in _slots(module):
+        for slot in tensor_slots(module):
             if slot:
                 for key, tensor in slot.items():
                     if tensor is None:
@@ -562,10 +565,10 @@ def _scan(peft_model: nn.Module, modules: list[nn.Module], *, known: AbstractSet
 
 
 def _round_trip_kept(
-    peft_model: PeftModel,
     modules: list[nn.Module],
     scan: _Scan,
-    snapshot: Snapshot,
+    captured: Container[nn.Module],
+    known: AbstractSet[int],
     *,
     name: str,
     made_on: torch.device,
@@ -595,7 +598,6 @@ def _round_trip_kept(
     if not placement_kept(modules, (made_on, dtype), upcast=upcast):
         return False
     new_params = {id(slot) for slot, _, _ in scan.new}
-    captured, known = snapshot.modules, snapshot.known_tensor_ids()
     for module in modules:
         fresh = module not in captured
         is_container = isinstance(module, _PER_ADAPTER)
@@ -609,10 +611,9 @@ def _round_trip_kept(
                     return False  # an existing module as this adapter's entry
                 if fresh and child_name not in WRAPPED_CHILDREN:
                     return False  # an existing module inside a new one, and not the base it wraps
-        if fresh or is_container:
-            for slot in _slots(module):
-                for key, tensor in slot.items():
-                    if tensor is not None and id(tensor) in known and (fresh or key == name):
+            for slot in tensor_slots(module):
+                for key, held in slot.items():
+                    if held is not None and id(held) in known and (fresh or key == name):
                         return False
     return True
 
@@ -620,15 +621,12 @@ def _round_trip_kept(
 _PER_ADAPTER = (nn.ModuleDict, nn.ParameterDict, BufferDict)
 
 
-def _slots(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    return (module._parameters, module._buffers)  # type: ignore[return-value]
-
-
 def _allocate_as_peft_places(
     peft_model: PeftModel,
     modules: list[nn.Module],
     scan: _Scan,
     snapshot: Snapshot,
+    known: AbstractSet[int],
     *,
     name: str,
     options: AttachOptions,
@@ -655,7 +653,13 @@ def _allocate_as_peft_places(
     made: dict[int, torch.Tensor] = {}
     reals: list[torch.Tensor] = []
     if (not upcast and placement is not None and move_is_noop(modules, placement)) or _round_trip_kept(
-        peft_model, modules, scan, snapshot, name=name, made_on=made_on, upcast=options.autocast_adapter_dtype
+        modules,
+        scan,
+        snapshot.modules,
+        known,
+        name=name,
+        made_on=made_on,
+        upcast=options.autocast_adapter_dtype,
     ):
         for slot, key, tensor in scan.new:
             real = made.get(id(tensor))
@@ -677,7 +681,9 @@ def _allocate_as_peft_places(
         move_adapter_to_base_device(modules, name)
     # PEFT's injection already upcast the adapter (on the meta tensors the stand-ins copy): only what
     # the move turned to half precision is left for it to do.
-    if options.autocast_adapter_dtype and upcast_changes(s[k] for s, k, _ in scan.new if k in s):
+    if options.autocast_adapter_dtype and upcast_changes(
+        t for s, k, _ in scan.new if (t := s.get(k)) is not None
+    ):
         with other_adapters_hidden(peft_model, name):
             cast_adapter_dtype(peft_model, name, autocast=True)
     for slot, key, tensor in scan.new:

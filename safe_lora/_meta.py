@@ -29,7 +29,16 @@ import torch
 from torch import nn
 from torch.utils._device import DeviceContext, _device_constructors
 
-__all__ = ["MetaTwins", "all_modules", "modules_along", "on_meta", "shielded", "skeleton", "twin_of"]
+__all__ = [
+    "MetaTwins",
+    "all_modules",
+    "modules_along",
+    "on_meta",
+    "shielded",
+    "skeleton",
+    "tensor_slots",
+    "twin_of",
+]
 
 
 _META = torch.device("meta")
@@ -140,9 +149,10 @@ def twin_of(tensor: torch.Tensor, *, plain: bool = False) -> torch.Tensor:
     return twin
 
 
-def _slots(module: nn.Module) -> tuple[dict[str, torch.Tensor | None], ...]:
+def tensor_slots(module: nn.Module) -> tuple[dict[str, torch.Tensor | None], ...]:
     """A module's own parameter and buffer dicts, typed as what is stored in them here: a twin is a
-    plain meta tensor when the real one is (the buffers), a parameter when it is one."""
+    plain meta tensor when the real one is (the buffers), a parameter when it is one; the loader
+    puts empty tensors where the meta ones sit."""
     return (module._parameters, module._buffers)  # type: ignore[return-value]
 
 
@@ -186,7 +196,7 @@ class MetaTwins:
         made: dict[int, torch.Tensor] = {}
         real = self._real
         for module in all_modules(model, skip=skip):
-            for slot in _slots(module):
+            for slot in tensor_slots(module):
                 if not slot:
                     continue
                 for name, tensor in slot.items():
@@ -224,7 +234,7 @@ class MetaTwins:
         if not real:
             return  # nothing was swapped (e.g. no tensor ``only`` accepted): nothing to look for
         for module in modules if modules is not None else all_modules(model, skip=self._skip):
-            for slot in _slots(module):
+            for slot in tensor_slots(module):
                 if not slot:
                     continue
                 for name, tensor in slot.items():

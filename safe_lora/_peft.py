@@ -214,14 +214,6 @@ def refuses_inference_mode(tuner: Any) -> bool:
     return isinstance(tuner, AdaptionPromptModel)
 
 
-def upcast_changes(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether :func:`cast_adapter_dtype` could change any of ``tensors``: PEFT 0.21's
-    ``cast_adapter_dtype`` (peft/tuners/tuners_utils.py) only turns float16, bfloat16 and float8
-    tensors into float32. Tensors all in float32, float64 or a non-float dtype are left as they are,
-    so the call -- a walk of every module -- can be skipped."""
-    return any(t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) for t in tensors)
-
-
 Placement = tuple[torch.device, torch.dtype]
 
 
@@ -252,6 +244,13 @@ UPCAST_TO_FLOAT32: frozenset[torch.dtype] = frozenset(
     {torch.float16, torch.bfloat16}
     | {d for name in UPCAST_DTYPES if isinstance(d := getattr(torch, name, None), torch.dtype)}
 )
+
+
+def upcast_changes(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether :func:`cast_adapter_dtype` could change any of ``tensors``: PEFT's
+    ``cast_adapter_dtype`` turns only :data:`UPCAST_TO_FLOAT32` into float32. Tensors all in another
+    dtype are left as they are, so the call -- a walk of every module -- can be skipped."""
+    return any(t.dtype in UPCAST_TO_FLOAT32 for t in tensors)
 
 
 def placement_kept(modules: Iterable[nn.Module], placement: Placement, *, upcast: bool) -> bool:

@@ -227,39 +227,10 @@ class Snapshot:
                 if child is not None and child not in self.modules and child not in self.sealed:
                     yield module, child
 
-    def new_modules(self) -> Iterator[nn.Module]:
-        """Every module the load added: the new subtrees, without the captured modules they wrap."""
-        seen: set[int] = set()
-        for _, child in self.new_subtrees():
-            pending = [child]
-            while pending:
-                module = pending.pop()
-                if id(module) in seen or module in self.modules or module in self.sealed:
-                    continue
-                seen.add(id(module))
-                yield module
-                pending.extend(c for c in module._modules.values() if c is not None)
-
     def known_tensor_ids(self) -> set[int]:
         """The ids of every tensor captured (each parameter and buffer the model held, but in the
         sealed adapters): a tensor among the unsealed modules whose id is not here is new."""
         return {id(t) for t, _, _ in self._data}
-
-    def new_tensors(self) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
-        """``(module, "_parameters" or "_buffers", name, tensor)`` for every tensor the load created:
-        new entries of captured modules, and everything in new modules but tensors that existed."""
-        known = self.known_tensor_ids()
-        for module, saved in self.modules.items():
-            for slot in ("_parameters", "_buffers"):
-                before = saved.contents.get(slot, {})
-                for key, tensor in getattr(module, slot).items():
-                    if tensor is not None and before.get(key) is not tensor and id(tensor) not in known:
-                        yield module, slot, key, tensor
-        for module in self.new_modules():
-            for slot in ("_parameters", "_buffers"):
-                for key, tensor in getattr(module, slot).items():
-                    if tensor is not None and id(tensor) not in known:
-                        yield module, slot, key, tensor
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Every parameter the load created (in new modules or new entries of existing ones)."""
@@ -271,7 +242,7 @@ class Snapshot:
                     found.append(param)
         # A new subtree can wrap existing modules (a tuner layer around the base layer it adapts):
         # their parameters are not new. Sealed ones cannot be in there, so the captured ones suffice.
-        known = {id(t) for t, _, _ in self._data}
+        known = self.known_tensor_ids()
         for _, child in self.new_subtrees():
             found.extend(p for p in child.parameters() if id(p) not in known)
         return found
